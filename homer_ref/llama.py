@@ -1,0 +1,247 @@
+"""A Llama forward pass in one file, written for reading (imports only torch).
+
+Order: config, RoPE, RMSNorm, attention, MLP, model. Loading checkpoints lives in `loading.py`.
+
+Dimension legend (used in every shape comment of homer_ref):
+    B batch, T new tokens, S tokens already in the cache, D hidden size, V vocabulary,
+    Hq query heads, Hkv key/value heads (GQA when Hkv < Hq), Dh head dimension.
+
+Conventions, stated once:
+- RoPE uses HF's *half-split* layout: dimension i is paired with i + Dh/2 (`rotate_half`). Meta's and llama2.c's
+  checkpoints pair (2i, 2i+1) instead; `loading.py` permutes their q/k weights in one documented place.
+- Positions are explicit integers per token and may repeat or go backwards (HOMER reuses position ids);
+  attention is causal by *sequence index*, never by position.
+- Keys are cached *after* RoPE, so a cached key keeps the rotation of the position it was computed at.
+- RMSNorm and softmax run in float32 (or float64 when the model is float64), as HF does.
+
+The model exposes the two halves of a decoder layer separately (`attend`, then `feed_forward`), because HOMER
+prunes tokens between them (HOMER_SPEC.md C.2).
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+Cache = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: (k [B, Hkv, S, Dh] after RoPE, v [B, Hkv, S, Dh])
+ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3")
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """`rope_scaling` (or HF v5 `rope_parameters`) of config.json; fields unused by a type keep defaults."""
+
+    rope_type: str = "default"  # one of ROPE_TYPES
+    factor: float = 1.0
+    original_max_position_embeddings: int | None = None  # yarn, llama3 (defaults to max_position_embeddings)
+    low_freq_factor: float = 1.0  # llama3
+    high_freq_factor: float = 4.0  # llama3
+    beta_fast: float = 32.0  # yarn
+    beta_slow: float = 1.0  # yarn
+    attention_factor: float | None = None  # yarn: scales cos and sin; default 0.1 ln(factor) + 1
+    truncate: bool = True  # yarn
+
+
+@dataclass(frozen=True)
+class LlamaConfig:
+    vocab_size: int
+    hidden_size: int  # D
+    intermediate_size: int
+    num_hidden_layers: int  # L
+    num_attention_heads: int  # Hq
+    num_key_value_heads: int  # Hkv
+    head_dim: int  # Dh
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling = RopeScaling()
+    max_position_embeddings: int = 2048  # the trained context
+    tie_word_embeddings: bool = False
+
+
+# ----------------------------------------------------------------------------------------------- RoPE
+
+
+def rope_frequencies(cfg: LlamaConfig, seq_len: int) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies [Dh/2] (float64) and the factor that scales cos and sin, as HF computes them.
+
+    `seq_len` (largest position + 1 of the call) matters only to dynamic NTK scaling.
+    """
+    rs, dim, base = cfg.rope_scaling, cfg.head_dim, cfg.rope_theta
+    if rs.rope_type == "dynamic" and seq_len > cfg.max_position_embeddings:
+        # NTK-aware: grow the base with the sequence length instead of squeezing the positions.
+        base *= (rs.factor * seq_len / cfg.max_position_embeddings - (rs.factor - 1)) ** (dim / (dim - 2))
+    exponents = torch.arange(0, dim, 2, dtype=torch.float64) / dim
+    inv_freq = 1.0 / base**exponents  # [Dh/2]
+    if rs.rope_type == "linear":  # position interpolation: position p behaves like p / factor
+        return inv_freq / rs.factor, 1.0
+    original = rs.original_max_position_embeddings or cfg.max_position_embeddings
+    if rs.rope_type == "yarn":
+        # Keep fast-rotating dimensions (many turns within the trained context), interpolate slow ones, ramp between.
+        def dim_of(turns: float) -> float:  # the dimension that makes `turns` rotations over `original` tokens
+            return dim * math.log(original / (turns * 2 * math.pi)) / (2 * math.log(base))
+
+        low, high = dim_of(rs.beta_fast), dim_of(rs.beta_slow)
+        if rs.truncate:
+            low, high = math.floor(low), math.ceil(high)
+        low, high = max(low, 0), min(high, dim - 1)
+        ramp = ((torch.arange(dim // 2, dtype=torch.float64) - low) / max(high - low, 0.001)).clamp(0, 1)
+        inv_freq = inv_freq / rs.factor * ramp + inv_freq * (1 - ramp)
+        scale = rs.attention_factor
+        if scale is None:
+            scale = 0.1 * math.log(rs.factor) + 1.0 if rs.factor > 1 else 1.0
+        return inv_freq, scale
+    if rs.rope_type == "llama3":
+        # Long wavelengths are divided by `factor`, short ones kept, the band between interpolated smoothly.
+        wavelen = 2 * math.pi / inv_freq
+        smooth = (original / wavelen - rs.low_freq_factor) / (rs.high_freq_factor - rs.low_freq_factor)
+        blended = (1 - smooth) * inv_freq / rs.factor + smooth * inv_freq
+        long_wave, short_wave = wavelen > original / rs.low_freq_factor, wavelen < original / rs.high_freq_factor
+        inv_freq = torch.where(long_wave, inv_freq / rs.factor, torch.where(short_wave, inv_freq, blended))
+    return inv_freq, 1.0
+
+
+def rope_cos_sin(cfg: LlamaConfig, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [..., T, Dh] for integer positions [..., T] (any values: repeats and gaps are fine)."""
+    inv_freq, scale = rope_frequencies(cfg, int(positions.max()) + 1 if positions.numel() else 0)
+    angles = positions.to(torch.float64)[..., None] * inv_freq.to(positions.device)  # [..., T, Dh/2]
+    angles = torch.cat([angles, angles], dim=-1)  # [..., T, Dh]: half-split layout
+    return (angles.cos() * scale).to(dtype), (angles.sin() * scale).to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x [B, H, T, Dh] by cos/sin [T, Dh] or [B, 1, T, Dh]; pairs are (i, i + Dh/2)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+# ----------------------------------------------------------------------------------------------- layers
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps, self.weight = eps, nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))  # normalise in at least float32
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        D, Hq, Hkv, Dh = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.q_proj = nn.Linear(D, Hq * Dh, bias=False)
+        self.k_proj = nn.Linear(D, Hkv * Dh, bias=False)
+        self.v_proj = nn.Linear(D, Hkv * Dh, bias=False)
+        self.o_proj = nn.Linear(Hq * Dh, D, bias=False)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+
+# ----------------------------------------------------------------------------------------------- model
+
+
+class Llama(nn.Module):
+    """Parameter names follow HF's checkpoints without the leading `model.` (e.g. `layers.0.mlp.up_proj.weight`)."""
+
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    def attend(
+        self,
+        layer: int,
+        h: torch.Tensor,  # [B, T, D] input of the layer (the residual stream)
+        positions: torch.Tensor,  # [T] or [B, T] integer position ids of the T new tokens
+        past: tuple[torch.Tensor, torch.Tensor] | None = None,  # this layer's cache (k, v) [B, Hkv, S, Dh]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """First half of decoder layer `layer`: h + attention(norm(h)), token i seeing cache and new tokens <= i.
+
+        Returns (h [B, T, D], k [B, Hkv, S+T, Dh] after RoPE, v [B, Hkv, S+T, Dh],
+        last_logits [B, Hq, S+T]: scaled pre-softmax logits of the last query against every key, in at least
+        float32 — the significance HOMER prunes by (HOMER_SPEC.md D.1)).
+        """
+        cfg, blk = self.cfg, self.layers[layer]
+        B, T, _ = h.shape
+        Hq, Hkv, Dh = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        x = blk.input_layernorm(h)
+        q = blk.self_attn.q_proj(x).view(B, T, Hq, Dh).transpose(1, 2)  # [B, Hq, T, Dh]
+        k = blk.self_attn.k_proj(x).view(B, T, Hkv, Dh).transpose(1, 2)  # [B, Hkv, T, Dh]
+        v = blk.self_attn.v_proj(x).view(B, T, Hkv, Dh).transpose(1, 2)  # [B, Hkv, T, Dh]
+        cos, sin = rope_cos_sin(cfg, positions, q.dtype)
+        if cos.dim() == 3:  # per-batch positions [B, T, Dh] -> [B, 1, T, Dh] to broadcast over heads
+            cos, sin = cos[:, None], sin[:, None]
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if past is not None:
+            k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)  # [B, Hkv, S+T, Dh]
+        S = k.shape[2] - T
+        # Causal by sequence index: query i (at sequence index S+i) sees keys 0..S+i. With no cache this is the
+        # plain lower triangle; with a cache the mask is shifted right by S ("bottom-right" alignment).
+        mask = None if S == 0 else torch.ones(T, S + T, dtype=torch.bool, device=h.device).tril(diagonal=S)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=S == 0, enable_gqa=Hkv != Hq)
+        h = h + blk.self_attn.o_proj(y.transpose(1, 2).reshape(B, T, Hq * Dh))
+        # Last query against all keys; query head j reads KV head j // (Hq / Hkv), exactly as attention does.
+        score_dtype = torch.promote_types(q.dtype, torch.float32)
+        k_rep = k.to(score_dtype).repeat_interleave(Hq // Hkv, dim=1)  # [B, Hq, S+T, Dh]
+        last_logits = (k_rep @ q[:, :, -1, :, None].to(score_dtype)).squeeze(-1) / math.sqrt(Dh)  # [B, Hq, S+T]
+        return h, k, v, last_logits
+
+    def feed_forward(self, layer: int, h: torch.Tensor) -> torch.Tensor:
+        """Second half of decoder layer `layer`: h [B, T, D] -> h + MLP(norm(h))."""
+        blk = self.layers[layer]
+        return h + blk.mlp(blk.post_attention_layernorm(h))
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Final norm and output head: h [B, T, D] -> logits [B, T, V] in float32 (or float64)."""
+        logits = self.lm_head(self.norm(h))
+        return logits.to(torch.promote_types(logits.dtype, torch.float32))
+
+    def forward_cached(
+        self,
+        tokens: torch.Tensor,  # [B, T] token ids
+        positions: torch.Tensor | None = None,  # [T] or [B, T]; default S, S+1, ..., S+T-1
+        cache: Cache | None = None,  # per layer (k, v) [B, Hkv, S, Dh]; not modified
+    ) -> tuple[torch.Tensor, Cache]:
+        """Logits [B, T, V] and the new cache (old entries followed by the T new ones, per layer)."""
+        S = 0 if cache is None else cache[0][0].shape[2]
+        if positions is None:
+            positions = torch.arange(S, S + tokens.shape[1], device=tokens.device)
+        h = self.embed_tokens(tokens)  # [B, T, D]
+        new_cache: Cache = []
+        for layer in range(self.cfg.num_hidden_layers):
+            h, k, v, _ = self.attend(layer, h, positions, None if cache is None else cache[layer])
+            h = self.feed_forward(layer, h)
+            new_cache.append((k, v))
+        return self.logits(h), new_cache
+
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None, cache: Cache | None = None):
+        """tokens [B, T] -> logits [B, T, V]. Use `forward_cached` to also get the KV cache back."""
+        return self.forward_cached(tokens, positions, cache)[0]
