@@ -1,0 +1,188 @@
+"""HOMER prefill: a long prompt in, a compact KV cache out (HOMER_SPEC.md M, N); and what to do with it.
+
+`homer_prefill` ties the concepts together, one module each:
+    plan.py        E, N, H, e, the layer schedule, every node's target          (B.1, C.1, D.4)
+    chunking.py    leaves: [prefix | context slice | suffix], local positions    (B.2-B.4)
+    reduction.py   significance of the last query, the k lowest removed         (C.2, D.1-D.3)
+    merging.py     [avg prefix | left ctx | right ctx | avg suffix]             (E)
+    refinement.py  a pruning decision applied to every lower layer's cache      (F)
+    traversal.py   depth-first order with children freed, and a live-KV meter   (G)
+
+A node runs its block of layers; at the *last* layer of the block, after attention and before the MLP, it
+drops len - target context tokens (C.2), and the same slots are dropped from every lower layer's cache.
+The root's output is a cache with the same K slots in all L layers, their positions (reused, not monotonic),
+and the logits of every kept slot. New tokens continue at positions last_position + 1, + 2, ... (N.2.5).
+
+Deviations from the official code are listed in each module's docstring and in the README; the ones that
+live here: N.2.5 (generation positions: +1 for the first generated token too; sampling applies to it) and
+N.2.7 (batch: one prompt at a time, no hidden batch-size-1 assumption: the API takes one prompt).
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+from homer_ref import reduction
+from homer_ref.chunking import Chunk, make_leaf
+from homer_ref.decoding import decode
+from homer_ref.llama import Cache, Llama
+from homer_ref.merging import merge
+from homer_ref.plan import HomerConfig, Node, Plan, plan
+from homer_ref.refinement import keep_slots
+from homer_ref.traversal import TRAVERSALS, LiveKV, depth_first, level_order
+
+
+@dataclass
+class NodeTrace:
+    """What one tree node did, for readers and for other implementations' tests."""
+
+    level: int
+    index: int
+    layers: tuple[int, int]  # [first, last) decoder layers run
+    target: int
+    input_positions: torch.Tensor  # [n] positions of its input slots
+    scores: torch.Tensor | None  # [n] float32 significance at its last layer (+inf on affixes); None if no pruning
+    kept: torch.Tensor  # [K] ascending indices into its input slots
+    removed: torch.Tensor  # [n-K] ascending indices into its input slots
+
+
+@dataclass
+class HomerCache:
+    """The compact result of a HOMER prefill: an ordinary KV cache with the same K slots in every layer."""
+
+    keys: list[torch.Tensor]  # L x [Hkv, K, Dh], after RoPE
+    values: list[torch.Tensor]  # L x [Hkv, K, Dh]
+    positions: torch.Tensor  # [K] int64 position id of each slot
+    logits: torch.Tensor  # [K, V] float32 (float64 for a float64 model); logits[-1] predicts the next token
+    last_position: int  # position id of the last slot (the last suffix token)
+    nodes: list[NodeTrace]  # in execution order
+    plan: Plan
+    peak_kv_token_layers: int  # measured by the traversal
+    peak_kv_bytes: int
+    kv_timeline: list[int]
+
+    def model_cache(self) -> Cache:
+        """The cache in `Llama.forward_cached`'s layout: per layer (k, v) [1, Hkv, K, Dh]."""
+        return [(k[None], v[None]) for k, v in zip(self.keys, self.values)]
+
+
+def _check_ids(ids: list[int], vocab_size: int, name: str) -> list[int]:
+    ids = [int(i) for i in ids]
+    bad = [i for i in ids if not 0 <= i < vocab_size]
+    if bad:
+        raise ValueError(
+            f"{name} holds token id {bad[0]} outside the vocabulary [0, {vocab_size}); check the tokenizer"
+        )
+    return ids
+
+
+def check_bias(bias: torch.Tensor, num_layers: int, max_chunk_len: int) -> torch.Tensor:
+    """The bias table as float32 [L, R], or a ValueError naming what is wrong with it."""
+    if not isinstance(bias, torch.Tensor) or not bias.is_floating_point() or bias.dim() != 2:
+        raise ValueError("the bias table must be a float tensor [num_layers, R]; compute one with homer_ref.calibrate")
+    if bias.shape[0] != num_layers:
+        raise ValueError(f"the bias table has {bias.shape[0]} layers but the model has {num_layers}: wrong model?")
+    if bias.shape[1] < max_chunk_len:
+        raise ValueError(
+            f"the bias table covers distances < {bias.shape[1]} but max_chunk_len is {max_chunk_len}: "
+            f"recalibrate with --max-chunk-len {max_chunk_len} or lower max_chunk_len"
+        )
+    if not torch.isfinite(bias).all():
+        raise ValueError("the bias table holds NaN or Inf values; recalibrate it")
+    return bias.to(torch.float32)
+
+
+@torch.no_grad()
+def homer_prefill(
+    model: Llama,
+    prefix_ids: list[int],
+    context_ids: list[int],
+    suffix_ids: list[int],
+    config: HomerConfig,
+    bias: torch.Tensor | None = None,  # [L, R] with R >= M, for reduction="calibrated"
+    traversal: str = "depth_first",
+) -> HomerCache:
+    """Compress prefix + context + suffix into a compact cache with HOMER."""
+    cfg = model.cfg
+    device = model.embed_tokens.weight.device
+    prefix_ids, context_ids, suffix_ids = (
+        _check_ids(ids, cfg.vocab_size, name)
+        for ids, name in ((prefix_ids, "prefix_ids"), (context_ids, "context_ids"), (suffix_ids, "suffix_ids"))
+    )
+    P, C, S = len(prefix_ids), len(context_ids), len(suffix_ids)
+    p = plan(cfg.num_hidden_layers, config, P, C, S)
+    if traversal not in TRAVERSALS:
+        raise ValueError(f"traversal must be one of {', '.join(TRAVERSALS)}, got {traversal!r}")
+    if bias is not None:
+        bias = check_bias(bias, cfg.num_hidden_layers, p.M).to(device)
+    elif config.reduction == "calibrated" and (p.N > 1 or p.root.target < P + C + S):
+        raise ValueError(
+            "reduction='calibrated' needs a bias table (compute one with `python -m homer_ref.calibrate`), "
+            "or choose reduction='uncalibrated' or 'random'"
+        )
+    meter, traces = LiveKV(), []
+
+    def scores(node: Node, layer: int, last_logits: torch.Tensor, chunk: Chunk) -> torch.Tensor:
+        if config.reduction == "random":
+            return reduction.random_significance(config.seed, node.level, node.index, chunk.is_context)
+        row = bias[layer] if config.reduction == "calibrated" else None
+        return reduction.significance(last_logits, chunk.positions, chunk.is_context, row)
+
+    def run_layers(node: Node, chunk: Chunk) -> Chunk:
+        """The node's block of layers; at its last layer, prune to the target between attention and MLP."""
+        input_positions, n = chunk.positions, len(chunk)
+        first, last = node.layers
+        k = n - node.target
+        node_scores, removed = None, torch.empty(0, dtype=torch.long, device=device)
+        for layer in range(first, last):
+            h, keys, values, last_logits = model.attend(layer, chunk.h[None], chunk.positions)
+            chunk.h = h[0]
+            chunk.keys.append(keys[0])  # [Hkv, n, Dh]
+            chunk.values.append(values[0])
+            meter.observe(chunk)
+            if layer == last - 1 and k > 0:
+                node_scores = scores(node, layer, last_logits[0], chunk)  # [n]
+                removed = reduction.lowest(node_scores, k)
+                keep = torch.ones(n, dtype=torch.bool, device=device).index_fill(0, removed, False)
+                chunk = keep_slots(chunk, keep.nonzero().squeeze(1))  # propagative refinement (F)
+            chunk.h = model.feed_forward(layer, chunk.h[None])[0]
+        kept = torch.ones(n, dtype=torch.bool, device=device).index_fill(0, removed, False).nonzero().squeeze(1)
+        traces.append(
+            NodeTrace(node.level, node.index, node.layers, node.target, input_positions, node_scores, kept, removed)
+        )
+        return chunk
+
+    def run_leaf(i: int) -> Chunk:
+        ids, positions, is_context = make_leaf(p, i, prefix_ids, context_ids, suffix_ids, device)
+        return run_layers(p.nodes[(0, i)], Chunk(model.embed_tokens(ids), positions, is_context))
+
+    walk = depth_first if traversal == "depth_first" else level_order
+    root = walk(p, run_leaf, run_layers, lambda a, b: merge(a, b, P, S), meter)
+    return HomerCache(
+        keys=root.keys,
+        values=root.values,
+        positions=root.positions,
+        logits=model.logits(root.h[None])[0],
+        last_position=int(root.positions[-1]),
+        nodes=traces,
+        plan=p,
+        peak_kv_token_layers=meter.peak_token_layers,
+        peak_kv_bytes=meter.peak_bytes,
+        kv_timeline=meter.timeline,
+    )
+
+
+@torch.no_grad()
+def continuation_logits(model: Llama, cache: HomerCache, tokens: list[int]) -> torch.Tensor:
+    """Teacher-forced logits [T, V] of `tokens` fed after the compact cache at last_position + 1, + 2, ..."""
+    device = model.embed_tokens.weight.device
+    tokens = _check_ids(tokens, model.cfg.vocab_size, "tokens")
+    x = torch.tensor([tokens], dtype=torch.long, device=device)
+    positions = cache.last_position + 1 + torch.arange(len(tokens), device=device)
+    return model.forward_cached(x, positions, cache.model_cache())[0][0]
+
+
+@torch.no_grad()
+def homer_generate(model: Llama, cache: HomerCache, max_new_tokens: int, **sampling) -> list[int]:
+    """Decode after the compact cache; every generated token, the first included, at last_position + 1 + t."""
+    return decode(model, cache.logits[-1], cache.model_cache(), cache.last_position + 1, max_new_tokens, **sampling)

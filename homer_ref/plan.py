@@ -1,0 +1,202 @@
+"""HOMER's settings and the plan they imply: chunk counts, tree height, layer schedule and every node's target.
+
+Implements HOMER_SPEC.md B.1 (number of leaves), C.1 (layer schedule), D.4 (reduction targets, including the
+short-right rule on the *raw* leaf length) and the configuration checks of N.2.6. Everything here is plain
+integer arithmetic on (L, M, T, W, P, C, S); `plan(...)` computes it once, in one visible place, and the
+result prints as a table for a reader.
+
+Paper symbol -> code name:
+    L num_layers, W warmup_layers, M max_chunk_len (affixes included), T target_len, P/C/S prefix/context/suffix
+    lengths, E = M-P-S context tokens a chunk can hold, N0 = ceil(C/E), H = ceil(log2 N0) tree height,
+    N = 2**H leaves, e = ceil(C/N) context tokens per leaf, lpc layers per tree level, lo leftover layers,
+    R = P + floor(E/2) + S the default reduced length of a child.
+
+Deviations from the official code (HOMER_SPEC.md N.2.6): every invalid configuration raises a `ValueError`
+naming the constraint and a fix, where the official code crashes or silently lets chunks grow past M
+(lpc = 0). C = 0 is allowed: one leaf holding prefix + suffix, i.e. the plain forward.
+"""
+
+import math
+from dataclasses import dataclass, field
+
+REDUCTIONS = ("calibrated", "uncalibrated", "random")
+
+
+@dataclass(frozen=True)
+class HomerConfig:
+    max_chunk_len: int  # M: the longest chunk, prefix and suffix included
+    target_len: int | None = None  # T: length of the final cache; None means T = M (the official default)
+    warmup_layers: int = 0  # W: layers that only the leaves run before any merging
+    reduction: str = "calibrated"  # calibrated | uncalibrated | random (the paper's ablation modes)
+    seed: int = 0  # for reduction="random"
+
+
+@dataclass(frozen=True)
+class Node:
+    level: int  # height in the tree: 0 for leaves, H for the root
+    index: int  # left-to-right index within its level
+    leaves: tuple[int, int]  # the leaves it covers, [first, last)
+    layers: tuple[int, int]  # the decoder layers it runs, [first, last); it may prune at layer last-1
+    target: int  # length it is reduced to at its last layer (nothing is removed if it is already shorter)
+
+
+@dataclass(frozen=True)
+class Plan:
+    L: int
+    W: int
+    M: int
+    T: int  # the target as given
+    P: int
+    C: int
+    S: int
+    E: int
+    N0: int
+    H: int
+    N: int
+    e: int
+    lpc: int
+    lo: int
+    R: int
+    leaf_context: tuple[int, ...]  # context tokens of each leaf (the last one may be shorter)
+    nodes: dict[tuple[int, int], Node] = field(repr=False)  # keyed by (level, index)
+
+    @property
+    def root(self) -> Node:
+        return self.nodes[(self.H, 0)]
+
+    @property
+    def final_len(self) -> int:
+        """Slots in every layer of the final cache: the root's input length, cut to its target."""
+        return min(self.root.target, self.input_len(self.root))
+
+    def input_len(self, node: Node) -> int:
+        """Tokens a node holds when it starts its layers (a leaf's raw length, or its children's reduced sum)."""
+        if node.level == 0:
+            return self.P + self.leaf_context[node.index] + self.S
+        left, right = self.children(node)
+        return min(self.input_len(left), left.target) + min(self.input_len(right), right.target) - self.P - self.S
+
+    def children(self, node: Node) -> tuple[Node, Node]:
+        return self.nodes[(node.level - 1, 2 * node.index)], self.nodes[(node.level - 1, 2 * node.index + 1)]
+
+    def held_layers(self, level: int) -> int:
+        """ℓ(h): how many layers' cache a node of this level holds once it is finished (HOMER_SPEC.md G.2)."""
+        return self.W + self.lo + self.lpc * (level + 1)
+
+    def post_order(self) -> list[Node]:
+        """The depth-first execution order: left subtree, right subtree, then the node."""
+
+        def walk(level: int, index: int) -> list[Node]:
+            below = [] if level == 0 else walk(level - 1, 2 * index) + walk(level - 1, 2 * index + 1)
+            return below + [self.nodes[(level, index)]]
+
+        return walk(self.H, 0)
+
+    def __str__(self) -> str:
+        lines = [
+            f"HOMER plan: L={self.L} W={self.W} M={self.M} T={self.T} P={self.P} C={self.C} S={self.S}",
+            f"  E={self.E} N0={self.N0} H={self.H} N={self.N} e={self.e} lpc={self.lpc} lo={self.lo} R={self.R}",
+            f"  final cache: {self.final_len} slots in each of {self.L} layers",
+            "  level index leaves     layers    in -> target",
+        ]
+        for node in self.post_order():
+            first, last = node.layers
+            lines.append(
+                f"  {node.level:5d} {node.index:5d} [{node.leaves[0]:3d},{node.leaves[1]:3d}) "
+                f"{first:4d}-{last - 1:<4d} {self.input_len(node):5d} -> {node.target}"
+            )
+        return "\n".join(lines)
+
+
+def _shape(L: int, M: int, W: int, P: int, C: int, S: int) -> tuple[int, int, int, int, int, int, int]:
+    """(E, N0, H, N, e, lpc, lo) without any checks."""
+    E = M - P - S
+    N0 = max(1, math.ceil(C / E))
+    H = math.ceil(math.log2(N0))
+    N = 2**H
+    e = math.ceil(C / N)
+    lpc = (L - W) // (H + 1)
+    return E, N0, H, N, e, lpc, (L - W) - lpc * (H + 1)
+
+
+def _last_leaf_ok(M: int, P: int, C: int, S: int) -> bool:
+    E, _, _, N, e, _, _ = _shape(1, M, 0, P, C, S)
+    return N == 1 or C - (N - 1) * e > 0
+
+
+def check_config(L: int, config: HomerConfig, P: int, C: int, S: int) -> None:
+    """Raise `ValueError` for every configuration HOMER_SPEC.md N.2.6 forbids; the message suggests a fix."""
+    M, W = config.max_chunk_len, config.warmup_layers
+    T = M if config.target_len is None else config.target_len
+    for name, value in (("max_chunk_len", M), ("target_len", T), ("warmup_layers", W), ("seed", config.seed)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{name} must be an integer, got {value!r}")
+    if W < 0 or C < 0 or P < 0 or S < 0:
+        raise ValueError(f"warmup_layers and the prefix/context/suffix lengths must be >= 0 (W={W}, P={P}, C={C})")
+    if config.reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {', '.join(REDUCTIONS)}, got {config.reduction!r}")
+    if S == 0:
+        raise ValueError(
+            "the suffix is empty (S = 0): HOMER scores tokens by the attention of the last suffix token; "
+            "put at least the final token of the prompt (e.g. the question) in the suffix"
+        )
+    if M <= P + S:
+        raise ValueError(
+            f"max_chunk_len M={M} must exceed prefix + suffix = {P}+{S} so that a chunk holds context; "
+            f"raise max_chunk_len above {P + S} or shorten the prefix/suffix"
+        )
+    if T < P + S:
+        raise ValueError(
+            f"target_len T={T} is below prefix + suffix = {P + S}: the prefix and suffix are never pruned; "
+            f"use target_len >= {P + S}"
+        )
+    if W >= L:
+        raise ValueError(f"warmup_layers W={W} must be below the number of layers L={L}; use W <= {L - 1}")
+    E, _, H, N, e, lpc, _ = _shape(L, M, W, P, C, S)
+    if lpc == 0:
+        levels = L - W
+        reach = 2 ** (levels - 1) * E
+        fixes = [f"max_chunk_len >= {math.ceil(C / 2 ** (levels - 1)) + P + S}"]
+        if L - H - 1 >= 0:
+            fixes.append(f"warmup_layers <= {L - H - 1}")
+        raise ValueError(
+            f"a context of {C} tokens needs a tree of height {H} ({N} leaves of <= {E} context tokens), i.e. "
+            f"{H + 1} merge levels, but only L-W = {levels} layers follow the warm-up: with these settings this "
+            f"model reaches at most 2^(L-W-1)*E = {reach} context tokens; use {' or '.join(fixes)}, "
+            "or shorten the context"
+        )
+    if not _last_leaf_ok(M, P, C, S):
+        nearby = [m for d in range(1, E + 1) for m in (M + d, M - d) if m > P + S and _last_leaf_ok(m, P, C, S)]
+        hint = f"; max_chunk_len={nearby[0]} would work" if nearby else ""
+        raise ValueError(
+            f"the last of the {N} leaves would hold {C - (N - 1) * e} context tokens (e={e} per leaf for C={C}): "
+            f"it must hold at least one; change max_chunk_len or the context length{hint}"
+        )
+
+
+def plan(num_layers: int, config: HomerConfig, P: int, C: int, S: int) -> Plan:
+    """Every derived quantity of HOMER for a model of `num_layers` layers and an input of lengths P, C, S."""
+    check_config(num_layers, config, P, C, S)
+    L, M, W = num_layers, config.max_chunk_len, config.warmup_layers
+    T = M if config.target_len is None else config.target_len
+    E, N0, H, N, e, lpc, lo = _shape(L, M, W, P, C, S)
+    leaf_context = tuple(min((i + 1) * e, C) - i * e for i in range(N))
+    R = P + E // 2 + S
+    nodes: dict[tuple[int, int], Node] = {}
+
+    def layers_of(level: int) -> tuple[int, int]:  # warm-up and leftover layers all go to the leaves (C.1)
+        return (0, W + lo + lpc) if level == 0 else (W + lo + lpc * level, W + lo + lpc * (level + 1))
+
+    def place(level: int, index: int, target: int) -> None:
+        span = 2**level
+        nodes[(level, index)] = Node(level, index, (index * span, (index + 1) * span), layers_of(level), target)
+        if level == 0:
+            return
+        # Short-right rule (D.4), on the RAW length of the right subtree's first leaf, as the official code does.
+        r0 = P + leaf_context[index * span + span // 2] + S
+        left_target, right_target = (M - (r0 - P - S), r0) if r0 < R else (R, R)
+        place(level - 1, 2 * index, left_target)
+        place(level - 1, 2 * index + 1, right_target)
+
+    place(H, 0, min(T, P + C + S))  # root target T* = min(T, P+C+S)
+    return Plan(L, W, M, T, P, C, S, E, N0, H, N, e, lpc, lo, R, leaf_context, nodes)

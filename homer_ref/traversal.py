@@ -1,0 +1,107 @@
+"""The memory-optimal computation order (HOMER_SPEC.md G) and a meter of the KV memory it keeps alive.
+
+The tree can be computed in any order that finishes both children before their parent. Depth-first
+post-order (left subtree, right subtree, merge) is what makes HOMER's memory logarithmic: while a node is
+being processed, the only other live state is, for each level where the path went right, the finished left
+sibling waiting for its merge — at most one reduced chunk per level (G.2):
+
+    peak KV  <=  sum over levels h < H of  R_h * l(h)   +   M * L       (token-layers)
+
+where R_h is the reduced length of a level-h child and l(h) the number of layers it holds, against
+(P+C+S) * L for the plain cache. The level-order traversal (all leaves first, then every level-1 node, ...)
+gives bit-identical results but keeps a whole level alive, so its memory grows linearly with the input.
+
+Deviation (N.2.1): every child is released as soon as it has been merged (`merging.merge` consumes it). The
+official code walks depth-first but keeps every right child alive, so its memory grows linearly (G.3).
+
+`LiveKV` measures what the traversal actually holds: at every layer of every node it sums the K/V tensors of
+the finished chunks waiting for a sibling and of the chunk being processed (token-layers and bytes).
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from homer_ref.chunking import Chunk
+from homer_ref.plan import Node, Plan
+
+TRAVERSALS = ("depth_first", "level_order")
+
+
+@dataclass
+class LiveKV:
+    held: list[Chunk] = field(default_factory=list)  # finished chunks waiting to be merged
+    peak_token_layers: int = 0
+    peak_bytes: int = 0
+    timeline: list[int] = field(default_factory=list)  # live token-layers at every observation, in order
+
+    def hold(self, chunk: Chunk) -> None:
+        self.held.append(chunk)
+
+    def release(self, chunk: Chunk) -> None:
+        self.held = [c for c in self.held if c is not chunk]
+
+    def observe(self, current: Chunk) -> None:
+        """Record the live KV now: the held chunks plus `current`, the chunk being processed."""
+        token_layers = current.kv_token_layers() + sum(c.kv_token_layers() for c in self.held)
+        self.peak_token_layers = max(self.peak_token_layers, token_layers)
+        self.peak_bytes = max(self.peak_bytes, current.kv_bytes() + sum(c.kv_bytes() for c in self.held))
+        self.timeline.append(token_layers)
+
+
+RunLeaf = Callable[[int], Chunk]  # leaf index -> the leaf after its layers (and its reduction)
+RunNode = Callable[[Node, Chunk], Chunk]  # (node, merged children) -> the node after its layers
+Merge = Callable[[Chunk, Chunk], Chunk]  # consumes both children
+
+
+def depth_first(plan: Plan, run_leaf: RunLeaf, run_node: RunNode, merge: Merge, meter: LiveKV) -> Chunk:
+    """Post-order: finish the left subtree, hold it, finish the right subtree, merge, process the parent."""
+
+    def solve(level: int, index: int) -> Chunk:
+        if level == 0:
+            return run_leaf(index)
+        left = solve(level - 1, 2 * index)
+        meter.hold(left)  # the one finished sibling this level keeps while the right subtree runs
+        right = solve(level - 1, 2 * index + 1)
+        meter.release(left)
+        merged = merge(left, right)  # frees both children
+        del left, right
+        return run_node(plan.nodes[(level, index)], merged)
+
+    return solve(plan.H, 0)
+
+
+def level_order(plan: Plan, run_leaf: RunLeaf, run_node: RunNode, merge: Merge, meter: LiveKV) -> Chunk:
+    """Breadth-first: every leaf, then every level-1 node, ...; a whole level is alive at once."""
+    finished: list[Chunk] = []
+    for i in range(plan.N):
+        finished.append(run_leaf(i))
+        meter.hold(finished[-1])
+    for level in range(1, plan.H + 1):
+        parents: list[Chunk] = []
+        for index in range(plan.N >> level):
+            left, right = finished[2 * index], finished[2 * index + 1]
+            meter.release(left)
+            meter.release(right)
+            parents.append(run_node(plan.nodes[(level, index)], merge(left, right)))
+            meter.hold(parents[-1])
+        finished = parents
+    meter.release(finished[0])
+    return finished[0]
+
+
+def g2_bound(plan: Plan) -> int:
+    """The analytic G.2 bound on depth-first peak live KV, in token-layers.
+
+    One finished reduced child per level below the root (the largest of that level, usually R tokens) holding
+    l(h) layers, plus the node being processed: at most M tokens in at most L layers.
+    """
+    held = 0
+    for level in range(plan.H):
+        reduced = max(min(plan.input_len(n), n.target) for (lv, _), n in plan.nodes.items() if lv == level)
+        held += reduced * plan.held_layers(level)
+    return held + plan.M * plan.L  # every node's input has at most M tokens (D.4)
+
+
+def plain_kv(plan: Plan) -> int:
+    """Token-layers of the plain forward's full cache: (P+C+S) * L."""
+    return (plan.P + plan.C + plan.S) * plan.L
