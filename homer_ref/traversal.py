@@ -105,3 +105,40 @@ def g2_bound(plan: Plan) -> int:
 def plain_kv(plan: Plan) -> int:
     """Token-layers of the plain forward's full cache: (P+C+S) * L."""
     return (plan.P + plan.C + plan.S) * plan.L
+
+
+def simulate_live_kv(plan: Plan, traversal: str = "depth_first") -> list[int]:
+    """The live-KV timeline (token-layers) a traversal *would* record, from the plan alone — no model needed.
+
+    Mirrors `LiveKV.observe`: one observation after the attention of every layer of every node, counting the
+    node's slots times the layers it holds plus the finished chunks held. Used for model shapes too large to
+    run (e.g. Llama-2-7B at 64k) and, in the tests, as an independent check of the measured timeline.
+    """
+    timeline: list[int] = []
+
+    def run(node: Node, held: int) -> int:  # returns the node's finished size in token-layers
+        n, (first, last) = plan.input_len(node), node.layers
+        timeline.extend(held + n * layer for layer in range(first + 1, last + 1))
+        return min(n, node.target) * last
+
+    if traversal == "depth_first":
+
+        def solve(level: int, index: int, held: int) -> int:
+            if level == 0:
+                return run(plan.nodes[(0, index)], held)
+            left = solve(level - 1, 2 * index, held)
+            solve(level - 1, 2 * index + 1, held + left)
+            return run(plan.nodes[(level, index)], held)
+
+        solve(plan.H, 0, 0)
+        return timeline
+    finished = []
+    for i in range(plan.N):
+        finished.append(run(plan.nodes[(0, i)], sum(finished)))
+    for level in range(1, plan.H + 1):
+        parents: list[int] = []
+        for index in range(plan.N >> level):
+            waiting = sum(finished[2 * index + 2 :]) + sum(parents)
+            parents.append(run(plan.nodes[(level, index)], waiting))
+        finished = parents
+    return timeline

@@ -1,0 +1,71 @@
+"""Live-KV accounting: the measured timeline, its plan-only simulation, and the official code's figures."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from homer_ref.bench import macs
+from homer_ref.homer import homer_prefill
+from homer_ref.llama import Llama, LlamaConfig
+from homer_ref.plan import HomerConfig, plan
+from homer_ref.traversal import g2_bound, plain_kv, simulate_live_kv
+
+# HOMER_SPEC.md G.3: live KV token-layers measured by running the official code (Llama-2-7B shape, L=32, W=12,
+# M=T=2048, P=S=100) with the right children freed after merging — i.e. an ideal depth-first traversal.
+OFFICIAL_FREED = {4096: 82_472, 8192: 100_132, 16384: 121_888, 32768: 151_112, 65536: 192_860}
+OFFICIAL_PLAIN = {4096: 131_072, 8192: 262_144, 16384: 524_288, 32768: 1_048_576, 65536: 2_097_152}
+
+
+@pytest.mark.parametrize("total", sorted(OFFICIAL_FREED))
+def test_depth_first_peak_matches_the_official_measurement(total):
+    p = plan(32, HomerConfig(2048, 2048, 12), 100, total - 200, 100)
+    assert max(simulate_live_kv(p, "depth_first")) == OFFICIAL_FREED[total]
+    assert plain_kv(p) == OFFICIAL_PLAIN[total]
+    assert max(simulate_live_kv(p, "depth_first")) <= g2_bound(p)
+
+
+def _model(layers: int) -> Llama:
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=32, hidden_size=16, intermediate_size=24, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=4,
+    )  # fmt: skip
+    return Llama(cfg).eval()
+
+
+@settings(deadline=None, max_examples=25)
+@given(
+    layers=st.integers(3, 7),
+    P=st.integers(0, 3),
+    S=st.integers(1, 3),
+    E=st.integers(3, 9),
+    C=st.integers(0, 60),
+    slack=st.integers(-2, 4),
+    traversal=st.sampled_from(["depth_first", "level_order"]),
+)
+def test_measured_timeline_equals_the_plan_simulation(layers, P, S, E, C, slack, traversal):
+    config = HomerConfig(P + S + E, max(P + S, P + S + E + slack), 0, "uncalibrated")
+    try:
+        p = plan(layers, config, P, C, S)
+    except ValueError:
+        return  # configurations HOMER refuses are tested elsewhere
+    model = _model(layers)
+    ids = torch.randint(0, 32, (P + C + S,), generator=torch.Generator().manual_seed(C)).tolist()
+    result = homer_prefill(model, ids[:P], ids[P : P + C], ids[P + C :], config, traversal=traversal)
+    assert result.kv_timeline == simulate_live_kv(p, traversal)
+    if traversal == "depth_first":
+        assert result.peak_kv_token_layers <= g2_bound(p)
+    bytes_per_token_layer = 2 * model.cfg.num_key_value_heads * model.cfg.head_dim * 4  # K and V, float32
+    assert result.peak_kv_bytes == result.peak_kv_token_layers * bytes_per_token_layer
+
+
+def test_operation_counts_agree_when_homer_is_trivial():
+    cfg = _model(4).cfg
+    p = plan(4, HomerConfig(64), 2, 40, 2)  # one chunk, nothing pruned: HOMER is the plain forward
+    counts = macs(cfg, p)
+    assert counts["homer_attention"] == counts["plain_attention"]
+    assert counts["homer_other"] == counts["plain_other"]
+    n = 44
+    brute = sum(i + 1 for i in range(n)) * 2 * cfg.num_attention_heads * cfg.head_dim * cfg.num_hidden_layers
+    assert counts["plain_attention"] == brute
