@@ -1,0 +1,65 @@
+"""Calibration: the distance bias subtracted from HOMER's significance score (HOMER_SPEC.md D.2, N.2.4).
+
+Tokens close to the end of a chunk receive large attention logits from the last query just for being close
+(RoPE's long-term decay). To rank tokens by content rather than position, HOMER subtracts the average logit
+observed at each distance:
+
+    bias[layer][d] = mean over calibration windows of  max over heads  <q_last, k_{last-d}> / sqrt(Dh)
+
+computed exactly like the significance (pre-softmax, RoPE applied, max over query heads, GQA groups) on plain
+windows of ordinary text, d in [0, M). Each window of M tokens contributes one value per distance.
+
+Deviation (N.2.4): the official repository ships pickled tables for Llama-2 but no code to make them; here
+calibration is part of the library, the table is a safetensors file (key "bias", [L, M] float32, never
+pickle), and `calibrate_on_context` makes one from the input itself when no table exists.
+"""
+
+import torch
+
+from homer_ref.llama import Llama
+
+
+@torch.no_grad()
+def calibrate(model: Llama, windows: list[list[int]]) -> torch.Tensor:
+    """bias [L, R] float32 from token windows that all have the same length R (use R = max_chunk_len)."""
+    if not windows or len({len(w) for w in windows}) != 1 or len(windows[0]) < 1:
+        raise ValueError("calibration needs at least one window, all of the same non-zero length")
+    R, L = len(windows[0]), model.cfg.num_hidden_layers
+    device = model.embed_tokens.weight.device
+    total = torch.zeros(L, R, dtype=torch.float64, device=device)
+    positions = torch.arange(R, device=device)
+    for window in windows:
+        h = model.embed_tokens(torch.tensor([window], device=device))  # [1, R, D]
+        for layer in range(L):
+            h, _, _, last_logits = model.attend(layer, h, positions)  # last_logits [1, Hq, R]
+            head_max = last_logits[0].amax(dim=0)  # [R]: slot i sits at distance R-1-i from the last token
+            total[layer] += head_max.flip(0).to(torch.float64)  # index by distance d = R-1-i
+            h = model.feed_forward(layer, h)
+    return (total / len(windows)).to(torch.float32)
+
+
+def windows_from_ids(ids: list[int], length: int, samples: int) -> list[list[int]]:
+    """`samples` windows of `length` tokens spread evenly over `ids` (overlapping when the text is short)."""
+    if len(ids) < length:
+        raise ValueError(
+            f"calibration text has {len(ids)} tokens, fewer than one window of max_chunk_len={length}; "
+            "use a longer text or a smaller max_chunk_len"
+        )
+    if samples < 1:
+        raise ValueError(f"samples must be >= 1, got {samples}")
+    last_start = len(ids) - length
+    starts = [round(i * last_start / max(samples - 1, 1)) for i in range(samples)]
+    return [list(ids[s : s + length]) for s in starts]
+
+
+def calibrate_on_context(model: Llama, context_ids: list[int], max_chunk_len: int, samples: int = 8) -> torch.Tensor:
+    """A bias table from the input's own context, for when no calibration table exists.
+
+    Windows longer than the context are impossible, so a short context gives a table covering only its own
+    length: the remaining distances are filled with the last calibrated value.
+    """
+    length = min(max_chunk_len, len(context_ids))
+    bias = calibrate(model, windows_from_ids(context_ids, length, samples))  # [L, length]
+    if length < max_chunk_len:
+        bias = torch.cat([bias, bias[:, -1:].expand(-1, max_chunk_len - length)], dim=1)
+    return bias
