@@ -156,8 +156,11 @@ def check_config(L: int, config: HomerConfig, P: int, C: int, S: int) -> None:
     if lpc == 0:
         levels = L - W
         reach = 2 ** (levels - 1) * E
-        fixes = [f"max_chunk_len >= {math.ceil(C / 2 ** (levels - 1)) + P + S}"]
-        if L - H - 1 >= 0:
+        fit = math.ceil(C / 2 ** (levels - 1)) + P + S  # the smallest M whose tree fits L - W layers
+        while not _last_leaf_ok(fit, P, C, S):  # a larger M never deepens the tree; skip empty last leaves
+            fit += 1
+        fixes = [f"max_chunk_len >= {fit}"]
+        if L - H - 1 >= 0 and _last_leaf_ok(M, P, C, S):  # fewer warm-up layers cannot fix the last leaf
             fixes.append(f"warmup_layers <= {L - H - 1}")
         raise ValueError(
             f"a context of {C} tokens needs a tree of height {H} ({N} leaves of <= {E} context tokens), i.e. "
