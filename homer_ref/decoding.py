@@ -50,6 +50,8 @@ def _decode_iter(
 ) -> Iterator[int]:
     if temperature < 0 or not 0 < top_p <= 1:
         raise ValueError(f"temperature must be >= 0 and top_p in (0, 1]; got {temperature} and {top_p}")
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     generator = torch.Generator(device="cpu").manual_seed(seed)
     device = last_logits.device
     for t in range(max_new_tokens):

@@ -1,0 +1,50 @@
+"""Shared fixtures: the stories260K folder (skipped with a reason when absent) and a tiny-random-HF-model factory.
+
+Also prints, at the end of a run, the largest max |Δ| each tolerance of `helpers.TOL` met (the measured margins).
+"""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+# Every tensor in these tests is tiny, so intra-op threads only add overhead; on a busy 2-core machine their
+# spin-waiting made the suite ~20x slower. One thread also makes timings reproducible.
+torch.set_num_threads(1)
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # `pytest` as well as `python -m pytest` finds homer_ref and reference/
+    sys.path.insert(0, str(ROOT))
+
+from helpers import MEASURED, STORIES_DIR, TOL, make_hf_llama  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def stories_dir() -> Path:
+    """../shared/data/stories260K from the project root (stories260K.bin, tok512.model, expected_greedy_200.txt)."""
+    needed = ("stories260K.bin", "tok512.model", "expected_greedy_200.txt")
+    missing = [name for name in needed if not (STORIES_DIR / name).is_file()]
+    if missing:
+        pytest.skip(f"shared test data not found: {STORIES_DIR} lacks {', '.join(missing)} (see its README)")
+    return STORIES_DIR
+
+
+@pytest.fixture
+def tiny_hf_model(tmp_path):
+    """Factory: `tiny_hf_model(name="model", **make_hf_llama kwargs)` -> (directory, HF float32 model)."""
+
+    def make(name: str = "model", **kwargs):
+        out = tmp_path / name
+        return out, make_hf_llama(out, **kwargs)
+
+    return make
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not MEASURED:
+        return
+    terminalreporter.section("measured max |Δ| per tolerance (tests/helpers.py TOL)")
+    for key, value in sorted(MEASURED.items()):
+        t = TOL[key]
+        terminalreporter.write_line(f"{key:24s} max |Δ| {value:.3e}   (atol {t.atol:g}, rtol {t.rtol:g})")

@@ -1,0 +1,359 @@
+"""What the Llama tests share: the tolerances (the only place they are written), a comparison that explains its
+failures, tiny random HF checkpoints, an independent llama2.c -> HF converter, and the shared test data.
+
+Goldens come only from sources independent of homer_ref: the float64 NumPy oracle (`reference/llama_np.py`),
+HF `transformers` (`LlamaForCausalLM`, built here from tiny random configs: nothing is downloaded), and
+llama2.c's expected greedy text for stories260K.
+
+Dimension legend (as in homer_ref): B T D V Hq Hkv Dh; L layers; F MLP width.
+"""
+
+import copy
+import json
+import math
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent  # the project root
+# Shared test data lives next to the project (../shared from the root); absent on a user's fresh clone.
+STORIES_DIR = Path(__file__).parent.parent.parent / "shared" / "data" / "stories260K"
+
+
+# ----------------------------------------------------------------------------------------------- tolerances
+
+
+@dataclass(frozen=True)
+class Tol:
+    """An element passes when |actual - expected| <= atol + rtol * |expected|."""
+
+    atol: float
+    rtol: float = 0.0
+
+
+TOL = {
+    # torch float64 vs the float64 oracle: the same math in a different order, so rounding only (~1e-14 seen).
+    "oracle_float64": Tol(1e-9),
+    # torch float32 vs the float64 oracle: float32 rounding through L layers of O(1) activations.
+    "oracle_float32": Tol(1e-4),
+    # torch float32 vs HF float32: both float32, and HF also computes RoPE angles in float32 (we use float64).
+    "hf_float32": Tol(1e-4),
+    # bf16 weights upcast to float32 are exact, so a bf16 checkpoint loaded in float32 is a float32 comparison.
+    "hf_bf16_weights": Tol(1e-4),
+    # torch float64 layer halves (attend / feed_forward) vs the oracle's, including the last-query logits.
+    "layer_float64": Tol(1e-10),
+    # the same float64 model run incrementally (KV cache) vs in one call: same math, different reduction shapes.
+    "cache_float64": Tol(1e-10),
+    # RoPE identities in float64 (norms, relative positions): exact up to rounding of O(1..100) numbers.
+    "rope_float64": Tol(1e-10, 1e-12),
+    # our inverse frequencies vs HF's (HF computes them in float32: relative error ~1e-7).
+    "rope_inv_freq_hf": Tol(0.0, 1e-6),
+    # cos/sin vs HF's rotary embedding at positions < 256: HF's float32 angles drift by ~position * 6e-8.
+    "rope_cos_sin_hf": Tol(5e-5),
+    # a llama2.c .bin vs its independent HF conversion run through the oracle (float32 weights, float32 run).
+    "stories_oracle_float32": Tol(1e-4),
+}
+
+MEASURED: dict[str, float] = {}  # tolerance key -> largest max |Δ| seen this session (printed by conftest)
+
+
+def to_numpy(x) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        x = x.detach().to("cpu", torch.float64).numpy()
+    return np.asarray(x, dtype=np.float64)
+
+
+def assert_close(actual, expected, tol: str, what: str = "") -> float:
+    """Assert |actual - expected| <= TOL[tol] elementwise; on failure say how far, where, and where it starts."""
+    a, e = to_numpy(actual), to_numpy(expected)
+    assert a.shape == e.shape, f"{what}: shape {a.shape} != expected {e.shape}"
+    t = TOL[tol]
+    diff = np.abs(a - e)
+    diff_or_inf = np.where(np.isnan(diff), np.inf, diff)  # NaN counts as the worst possible difference
+    largest = float(diff_or_inf.max()) if diff.size else 0.0
+    MEASURED[tol] = max(MEASURED.get(tol, 0.0), largest)
+    bad = ~(diff <= t.atol + t.rtol * np.abs(e))
+    if bad.any():
+        worst = np.unravel_index(int(diff_or_inf.argmax()), diff.shape)
+        first = tuple(int(i) for i in np.argwhere(bad)[0])
+        raise AssertionError(
+            f"{what}: max |Δ| = {largest:.3e} at index {tuple(int(i) for i in worst)} "
+            f"(actual {a[worst]:.10g}, expected {e[worst]:.10g}); mean |Δ| = {float(np.nanmean(diff)):.3e}; "
+            f"{int(bad.sum())} of {bad.size} elements exceed atol {t.atol:g} + rtol {t.rtol:g}·|expected| "
+            f"('{tol}'), the first at index {first}"
+        )
+    return largest
+
+
+# ----------------------------------------------------------------------------------------------- tiny HF models
+
+
+def randomize_(model: torch.nn.Module, seed: int) -> None:
+    """Give every parameter O(1)-scale random values, so logits vary by O(1) and every part of the model matters.
+
+    RMSNorm gains are drawn from U(0.5, 1.5), away from HF's all-ones init, so a norm applied in the wrong place,
+    or a gain not applied, shows. A tied lm_head is the embedding itself and is drawn once.
+    """
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1:  # RMSNorm gains
+                p.copy_(torch.rand(p.shape, generator=g, dtype=torch.float64) + 0.5)
+            elif "embed_tokens" in name:
+                p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64))
+            else:  # [out, in] projections: unit-variance outputs for unit-variance inputs
+                p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64) / math.sqrt(p.shape[1]))
+
+
+def hf_config(
+    *,
+    vocab_size: int = 61,
+    hidden_size: int = 24,
+    intermediate_size: int = 40,
+    num_hidden_layers: int = 2,
+    num_attention_heads: int = 4,
+    num_key_value_heads: int = 2,
+    head_dim: int = 6,
+    tie_word_embeddings: bool = False,
+    rope_parameters: dict | None = None,
+    max_position_embeddings: int = 64,
+    rms_norm_eps: float = 1e-5,
+):
+    """A `transformers.LlamaConfig` (v5 spelling: `rope_parameters` holds rope_theta and the scaling)."""
+    import transformers
+
+    return transformers.LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_hidden_layers,
+        num_attention_heads=num_attention_heads,
+        num_key_value_heads=num_key_value_heads,
+        head_dim=head_dim,
+        tie_word_embeddings=tie_word_embeddings,
+        rope_parameters=dict(rope_parameters or {"rope_type": "default", "rope_theta": 10000.0}),
+        max_position_embeddings=max_position_embeddings,
+        rms_norm_eps=rms_norm_eps,
+        attn_implementation="eager",  # the plainest HF attention: an explicit causal mask and softmax
+    )
+
+
+def make_hf_llama(out_dir: Path, *, seed: int = 0, save_dtype=None, max_shard_size=None, **config):
+    """Build a random tiny HF `LlamaForCausalLM` (float32), save it as safetensors in `out_dir`, return it.
+
+    `config` goes to `hf_config`; `save_dtype` (e.g. torch.bfloat16) converts a copy before saving (the returned
+    model stays float32); `max_shard_size` (e.g. "8KB") saves a sharded checkpoint with an index.
+    """
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()  # no "Writing model shards" bars in captured output
+    torch.manual_seed(seed)
+    model = transformers.LlamaForCausalLM(hf_config(**config)).eval()
+    randomize_(model, seed)
+    saved = model if save_dtype is None else copy.deepcopy(model).to(save_dtype)
+    kwargs = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
+    saved.save_pretrained(out_dir, safe_serialization=True, **kwargs)
+    return model
+
+
+def hf_logits(model, tokens: list[int], positions: list[int] | None = None) -> np.ndarray:
+    """HF logits [T, V] (float64 copy) for one sequence, position ids given explicitly when not None.
+
+    The explicit all-ones attention mask matters: without one, transformers 5 reads position ids that do not
+    step by 1 as *packed sequences* and masks attention between them; we want one causal sequence.
+    """
+    with torch.no_grad():
+        out = model(
+            input_ids=torch.tensor([tokens]),
+            attention_mask=torch.ones(1, len(tokens), dtype=torch.long),
+            position_ids=None if positions is None else torch.tensor([positions]),
+            use_cache=False,
+        )
+    return to_numpy(out.logits[0])
+
+
+def our_logits(model, tokens: list[int], positions: list[int] | None = None) -> np.ndarray:
+    """homer_ref logits [T, V] (float64 copy) for one sequence."""
+    with torch.no_grad():
+        logits = model(torch.tensor([tokens]), None if positions is None else torch.tensor(positions))
+    return to_numpy(logits[0])
+
+
+def rewrite_config(model_dir: Path, **changes) -> None:
+    """Edit config.json in place: a value of None deletes the key."""
+    path = Path(model_dir) / "config.json"
+    d = json.loads(path.read_text())
+    for key, value in changes.items():
+        if value is None:
+            d.pop(key, None)
+        else:
+            d[key] = value
+    path.write_text(json.dumps(d, indent=2))
+
+
+# ----------------------------------------------------------------------------------------------- llama2.c
+
+
+def llama2c_to_hf_dir(bin_path: Path, out_dir: Path) -> None:
+    """Convert a llama2.c legacy .bin to an HF directory, written from the format notes in the data's README only
+    (not from homer_ref/loading.py), so that the oracle can check homer_ref's llama2.c loader.
+
+    Config in the older spelling (top-level `rope_theta`, no rope_scaling), float32 safetensors.
+    """
+    from safetensors.numpy import save_file
+
+    data = Path(bin_path).read_bytes()
+    dim, hidden, L, Hq, Hkv, vocab, seq_len = struct.unpack_from("<7i", data)
+    V, D, F, Dh = abs(vocab), dim, hidden, dim // Hq
+    floats = np.frombuffer(data, dtype="<f4", offset=28)
+    cursor = 0
+
+    def take(*shape):
+        nonlocal cursor
+        n = math.prod(shape)
+        out = floats[cursor : cursor + n].reshape(shape)
+        cursor += n
+        return out
+
+    def meta_to_hf(w, n_heads):  # README: per-head permutation from interleaved pairs to half-split
+        return np.ascontiguousarray(w.reshape(n_heads, Dh // 2, 2, D).swapaxes(1, 2).reshape(n_heads * Dh, D))
+
+    w = {"model.embed_tokens.weight": take(V, D)}
+    attn_norm, wq, wk = take(L, D), take(L, Hq * Dh, D), take(L, Hkv * Dh, D)
+    wv, wo, ffn_norm = take(L, Hkv * Dh, D), take(L, D, Hq * Dh), take(L, D)
+    w1, w2, w3 = take(L, F, D), take(L, D, F), take(L, F, D)
+    w["model.norm.weight"] = take(D)
+    take(seq_len, Dh // 2), take(seq_len, Dh // 2)  # precomputed RoPE cos/sin: not needed
+    if vocab < 0:
+        w["lm_head.weight"] = take(V, D)
+    assert cursor == floats.size, f"{bin_path}: {floats.size - cursor} floats left over"
+    for i in range(L):
+        p = f"model.layers.{i}."
+        w[p + "input_layernorm.weight"] = attn_norm[i]
+        w[p + "self_attn.q_proj.weight"] = meta_to_hf(wq[i], Hq)
+        w[p + "self_attn.k_proj.weight"] = meta_to_hf(wk[i], Hkv)
+        w[p + "self_attn.v_proj.weight"] = wv[i]
+        w[p + "self_attn.o_proj.weight"] = wo[i]
+        w[p + "post_attention_layernorm.weight"] = ffn_norm[i]
+        w[p + "mlp.gate_proj.weight"] = w1[i]
+        w[p + "mlp.down_proj.weight"] = w2[i]
+        w[p + "mlp.up_proj.weight"] = w3[i]
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_file({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in w.items()}, str(out_dir / "model.safetensors"))
+    config = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": V,
+        "hidden_size": D,
+        "intermediate_size": F,
+        "num_hidden_layers": L,
+        "num_attention_heads": Hq,
+        "num_key_value_heads": Hkv,
+        "max_position_embeddings": seq_len,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0,
+        "hidden_act": "silu",
+        "tie_word_embeddings": vocab > 0,
+    }
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2))
+
+
+# ----------------------------------------------------------------------------------------------- bad inputs
+
+
+@dataclass(frozen=True)
+class BadInput:
+    """One malformed input: the CLI arguments that hit it, the API call that hits it, and what the error names."""
+
+    argv: list[str]  # arguments of `python -m homer_ref.generate`
+    api: object  # a zero-argument callable that must raise `api_error`, or None for a CLI-only case
+    api_error: type
+    names: tuple[str, ...]  # substrings the one-line message must contain (the tensor, field or file at fault)
+
+
+# Where stories260K.bin ends inside wq (README layout: 28-byte header, then float32 arrays in order).
+_STORIES_FLOATS_BEFORE_WQ = 512 * 64 + 5 * 64  # token embedding [V, D], attention RMSNorm [L, D]
+
+
+def build_bad_inputs(root: Path, good_dir: Path, stories_dir: Path | None) -> dict[str, BadInput]:
+    """Malformed copies of the good tiny HF checkpoint `good_dir` (and of stories260K when available) under `root`.
+
+    Cases that need stories260K are left out when `stories_dir` is None.
+    """
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from homer_ref import CheckpointError, load_model, load_tokenizer
+    from homer_ref.decoding import generate_plain
+
+    tokenizer = stories_dir / "tok512.model" if stories_dir else root / "unused.model"
+
+    def copy(name: str) -> Path:
+        return Path(shutil.copytree(good_dir, root / name))
+
+    def model_case(path: Path, *names: str) -> BadInput:
+        argv = ["--model", str(path), "--tokenizer", str(tokenizer), "--max-new-tokens", "3"]
+        return BadInput(argv, lambda: load_model(path), CheckpointError, names)
+
+    cases = {}
+    d = copy("no-config")
+    (d / "config.json").unlink()
+    cases["directory without config.json"] = model_case(d, "config.json")
+
+    d = copy("missing-tensor")
+    tensors = load_file(d / "model.safetensors")
+    del tensors["model.layers.1.mlp.up_proj.weight"]
+    save_file(tensors, d / "model.safetensors")
+    cases["safetensors missing a tensor"] = model_case(d, "model.layers.1.mlp.up_proj.weight", "missing")
+
+    d = copy("misshaped-tensor")
+    tensors = load_file(d / "model.safetensors")
+    k = tensors["model.layers.0.self_attn.k_proj.weight"]
+    tensors["model.layers.0.self_attn.k_proj.weight"] = k.T.contiguous()
+    save_file(tensors, d / "model.safetensors")
+    cases["mis-shaped tensor"] = model_case(d, "model.layers.0.self_attn.k_proj.weight", str(tuple(k.T.shape)))
+
+    d = copy("kv-heads")
+    rewrite_config(d, num_attention_heads=4, num_key_value_heads=3)
+    cases["num_key_value_heads not dividing num_attention_heads"] = model_case(d, "num_key_value_heads")
+
+    d = copy("rope-type-v5")
+    rewrite_config(d, rope_parameters={"rope_type": "ntk-magic", "factor": 2.0, "rope_theta": 10000.0})
+    cases["unknown rope type (rope_parameters)"] = model_case(d, "'ntk-magic'")
+
+    d = copy("rope-type-v4")
+    rewrite_config(d, rope_parameters=None, rope_scaling={"type": "su", "factor": 2.0}, rope_theta=10000.0)
+    cases["unknown rope type (rope_scaling)"] = model_case(d, "'su'", "rope_scaling")
+
+    missing_tokenizer = root / "no-such-tokenizer.model"
+    cases["tokenizer path that does not exist"] = BadInput(
+        ["--model", str(good_dir), "--tokenizer", str(missing_tokenizer)],
+        lambda: load_tokenizer(missing_tokenizer),
+        CheckpointError,
+        (str(missing_tokenizer),),
+    )
+
+    def negative_tokens():
+        generate_plain(load_model(good_dir), [1, 2], -1)
+
+    cases["--max-new-tokens -1"] = BadInput(
+        ["--model", str(good_dir), "--tokenizer", str(tokenizer), "--max-new-tokens", "-1"],
+        negative_tokens,
+        ValueError,
+        ("must be >= 0, got -1",),
+    )
+
+    if stories_dir is not None:
+        cut = 28 + 4 * _STORIES_FLOATS_BEFORE_WQ + 100  # 25 floats into wq
+        truncated = root / "truncated.bin"
+        truncated.write_bytes((stories_dir / "stories260K.bin").read_bytes()[:cut])
+        cases["truncated llama2.c .bin"] = model_case(truncated, "truncated", "q_proj")
+        cases["tokenizer of another vocabulary"] = BadInput(
+            ["--model", str(good_dir), "--tokenizer", str(tokenizer)], None, ValueError, ("512", "61")
+        )
+    return cases
