@@ -66,8 +66,16 @@ class HomerCache:
         return [(k[None], v[None]) for k, v in zip(self.keys, self.values)]
 
 
-def _check_ids(ids: list[int], vocab_size: int, name: str) -> list[int]:
-    ids = [int(i) for i in ids]
+def _check_ids(ids, vocab_size: int, name: str) -> list[int]:
+    """ids (a list or 1-D tensor of ints) as a list, or a ValueError: one prompt at a time (N.2.7), in range."""
+    if isinstance(ids, torch.Tensor):
+        if ids.dim() != 1 or ids.is_floating_point():
+            raise ValueError(f"{name} must be a 1-D integer tensor or list (one prompt); got shape {tuple(ids.shape)}")
+        ids = ids.tolist()
+    if any(isinstance(i, (list, tuple, torch.Tensor)) for i in ids):
+        raise ValueError(f"{name} is a batch; HOMER processes one prompt at a time: call it once per prompt")
+    if any(isinstance(i, (bool, float)) or not isinstance(i, int) for i in ids):
+        raise ValueError(f"{name} must hold integer token ids")
     bad = [i for i in ids if not 0 <= i < vocab_size]
     if bad:
         raise ValueError(
