@@ -12,6 +12,7 @@ Nothing is ever unpickled: weights come from safetensors or raw float32 arrays.
 import json
 import math
 import struct
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -136,7 +137,10 @@ def _build(cfg: LlamaConfig, tensors: dict[str, torch.Tensor], source: str, dtyp
     unexpected = [k for k in unexpected if not k.endswith("rotary_emb.inv_freq")]  # old HF buffers: recomputed
     if unexpected:
         raise CheckpointError(f"{source}: unexpected tensor '{unexpected[0]}' ({len(unexpected)} in all) for {cfg}")
-    with torch.device("meta"):
+    # Parameters are created without memory on the meta device for large models; small ones are built on the
+    # CPU, because initialising on meta imports torch's compiler stack (~2 s per process).
+    size = sum(t.numel() for t in tensors.values())
+    with torch.device("meta" if size > 200_000_000 else "cpu"):
         model = Llama(cfg)
     params = dict(model.named_parameters(remove_duplicate=False))
     state = {}
@@ -274,6 +278,45 @@ def _load_llama2c(path: Path, dtype, device) -> Llama:
 # ----------------------------------------------------------------------------------------------- public
 
 
+def hf_config_dict(cfg: LlamaConfig) -> dict:
+    """The HF `config.json` fields of a `LlamaConfig` (transformers v4 spelling, which v5 also reads)."""
+    rs = cfg.rope_scaling
+    scaling = None
+    if rs.rope_type != "default":
+        scaling = {k: v for k, v in asdict(rs).items() if v is not None}
+        scaling["type"] = rs.rope_type
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": cfg.num_hidden_layers,
+        "num_attention_heads": cfg.num_attention_heads,
+        "num_key_value_heads": cfg.num_key_value_heads,
+        "head_dim": cfg.head_dim,
+        "rms_norm_eps": cfg.rms_norm_eps,
+        "rope_theta": cfg.rope_theta,
+        "rope_scaling": scaling,
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "tie_word_embeddings": cfg.tie_word_embeddings,
+        "hidden_act": "silu",
+    }
+
+
+def save_hf(model: Llama, path, dtype: torch.dtype | None = None) -> None:
+    """Write `model` as an HF model directory (config.json + model.safetensors), the inverse of `load_model`."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    state = dict(model.state_dict())
+    tensors = {hf: state[ours].detach().to("cpu", dtype or state[ours].dtype).contiguous().clone()
+               for ours, hf in checkpoint_names(model.cfg).items()}  # fmt: skip
+    save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+    (path / "config.json").write_text(json.dumps(hf_config_dict(model.cfg), indent=2) + "\n", encoding="utf-8")
+
+
 def load_model(path, dtype: torch.dtype = torch.float32, device="cpu") -> Llama:
     """A `Llama` from an HF model directory or a llama2.c legacy `.bin` file, in `dtype` on `device`."""
     path = Path(path)
@@ -307,6 +350,10 @@ class Tokenizer:
 
     def decode(self, ids) -> str:
         return self.sp.decode([int(i) for i in ids])
+
+    def piece(self, token_id: int) -> str:
+        """The vocabulary piece of one id, e.g. '▁time' (sentencepiece marks a leading space with ▁)."""
+        return self.sp.id_to_piece(int(token_id))
 
 
 def load_tokenizer(path) -> Tokenizer:
