@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from homer_ref.budget import check_fits, plain_bytes
 from homer_ref.cli import progress, run_main
 from homer_ref.homer import homer_prefill
 from homer_ref.llama import Llama, LlamaConfig
@@ -71,6 +72,8 @@ def input_ids(cfg: LlamaConfig, n: int, seed: int = 0) -> tuple[list[int], list[
 @torch.no_grad()
 def plain_prefill(model: Llama, ids: list[int]) -> torch.Tensor:
     """The plain forward over the whole prompt, keeping the full cache; returns the last token's logits."""
+    needed = plain_bytes(model.cfg, len(ids), 0, model.embed_tokens.weight.element_size())
+    check_fits(needed, f"the plain prefill of {len(ids)} tokens", "benchmark shorter lengths (--quick)")
     h = model.embed_tokens(torch.tensor([ids]))
     positions = torch.arange(len(ids))
     cache = []
@@ -372,6 +375,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(os.cpu_count() or 1)
     if args.one:
         model_name, mode, n, M = args.one
+        if model_name not in ("bench", "stories") or mode not in ("plain", "homer_depth_first", "homer_level_order"):
+            raise ValueError(f"--one: unknown model {model_name!r} or mode {mode!r} (an internal option of bench)")
         print(json.dumps(measure_one(model_name, mode, int(n), int(M))))
         return 0
     t0 = time.perf_counter()

@@ -10,8 +10,8 @@ from pathlib import Path
 import torch
 
 from homer_ref.calibration import calibrate, windows_from_ids
-from homer_ref.cli import progress, run_main
-from homer_ref.loading import load_model, load_tokenizer
+from homer_ref.cli import check_out, progress, run_main
+from homer_ref.loading import check_tokenizer, load_model, load_tokenizer
 from homer_ref.trace import save_atomic
 
 
@@ -41,10 +41,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--text {args.text} is not UTF-8 ({e.reason}); re-save it as UTF-8")
     except OSError as e:
         parser.error(f"--text {args.text}: {e.strerror}")
-    if not args.out.parent.is_dir():
-        parser.error(f"--out {args.out}: directory {args.out.parent} does not exist")
+    check_out(parser, args.out)
     model = load_model(args.model)
     tokenizer = load_tokenizer(args.tokenizer or args.model)
+    check_tokenizer(tokenizer, model.cfg)
     windows = windows_from_ids(tokenizer.encode(text, bos=False), args.max_chunk_len, args.samples)
     t0 = time.perf_counter()
     total = torch.zeros(model.cfg.num_hidden_layers, args.max_chunk_len, dtype=torch.float64)

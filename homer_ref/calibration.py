@@ -16,6 +16,7 @@ pickle), and `calibrate_on_context` makes one from the input itself when no tabl
 
 import torch
 
+from homer_ref.decoding import check_ids
 from homer_ref.llama import Llama
 
 
@@ -24,6 +25,7 @@ def calibrate(model: Llama, windows: list[list[int]]) -> torch.Tensor:
     """bias [L, R] float32 from token windows that all have the same length R (use R = max_chunk_len)."""
     if not windows or len({len(w) for w in windows}) != 1 or len(windows[0]) < 1:
         raise ValueError("calibration needs at least one window, all of the same non-zero length")
+    windows = [check_ids(w, model.cfg.vocab_size, "a calibration window") for w in windows]
     R, L = len(windows[0]), model.cfg.num_hidden_layers
     device = model.embed_tokens.weight.device
     total = torch.zeros(L, R, dtype=torch.float64, device=device)
@@ -40,6 +42,8 @@ def calibrate(model: Llama, windows: list[list[int]]) -> torch.Tensor:
 
 def windows_from_ids(ids: list[int], length: int, samples: int) -> list[list[int]]:
     """`samples` windows of `length` tokens spread evenly over `ids` (overlapping when the text is short)."""
+    if length < 1:
+        raise ValueError(f"the calibration window length (max_chunk_len) must be >= 1, got {length}")
     if len(ids) < length:
         raise ValueError(
             f"calibration text has {len(ids)} tokens, fewer than one window of max_chunk_len={length}; "
@@ -58,6 +62,8 @@ def calibrate_on_context(model: Llama, context_ids: list[int], max_chunk_len: in
     Windows longer than the context are impossible, so a short context gives a table covering only its own
     length: the remaining distances are filled with the last calibrated value.
     """
+    if not context_ids:
+        raise ValueError("cannot calibrate on an empty context; pass a bias table or choose reduction='uncalibrated'")
     length = min(max_chunk_len, len(context_ids))
     bias = calibrate(model, windows_from_ids(context_ids, length, samples))  # [L, length]
     if length < max_chunk_len:

@@ -1,11 +1,15 @@
 """What every command shares: one-line errors with fixes, exit codes, and progress on stderr.
 
 Exit codes: 0 success, 2 invalid input (bad arguments, files, configurations: a `ValueError`),
-1 any other failure at run time, 130 interrupted (Ctrl-C).
+1 any other failure at run time (I/O, memory, an unexpected exception), 130 interrupted (Ctrl-C).
+Set HOMER_REF_TRACEBACK=1 to see the traceback of an unexpected exception.
 """
 
+import argparse
+import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -20,11 +24,34 @@ def run_main(main: Callable[[list[str] | None], int], argv: list[str] | None = N
         print("error: interrupted", file=sys.stderr)
         return 130
     except ValueError as e:  # includes CheckpointError and invalid HOMER configurations
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {_one_line(e)}", file=sys.stderr)
         return 2
     except (OSError, RuntimeError, MemoryError) as e:
-        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
+        print(f"error: {type(e).__name__}: {_one_line(e)}", file=sys.stderr)
         return 1
+    except Exception as e:  # a bug in homer_ref: still one line, unless asked for the traceback
+        if os.environ.get("HOMER_REF_TRACEBACK"):
+            raise
+        print(
+            f"error: unexpected {type(e).__name__}: {_one_line(e)} (a bug in homer_ref: please report it with the "
+            "command line; HOMER_REF_TRACEBACK=1 shows the traceback)",
+            file=sys.stderr,
+        )
+        return 1
+
+
+def _one_line(e: BaseException) -> str:
+    """The first line of an exception's message (torch's can span many lines)."""
+    lines = str(e).strip().splitlines()
+    return lines[0] + (f" [... {len(lines) - 1} more lines]" if len(lines) > 1 else "") if lines else "(no message)"
+
+
+def check_out(parser: argparse.ArgumentParser, out: Path) -> None:
+    """A usage error unless `--out` names a file in an existing directory."""
+    if out.is_dir():
+        parser.error(f"--out {out} is a directory; give a file name, e.g. {out / 'out.safetensors'}")
+    if not out.parent.is_dir():
+        parser.error(f"--out {out}: directory {out.parent} does not exist")
 
 
 def progress(message: str) -> None:

@@ -23,8 +23,9 @@ from dataclasses import dataclass
 import torch
 
 from homer_ref import reduction
+from homer_ref.budget import check_fits, homer_bytes, kv_bytes
 from homer_ref.chunking import Chunk, make_leaf
-from homer_ref.decoding import decode
+from homer_ref.decoding import check_ids, decode
 from homer_ref.llama import Cache, Llama
 from homer_ref.merging import merge
 from homer_ref.plan import HomerConfig, Node, Plan, plan
@@ -66,24 +67,6 @@ class HomerCache:
         return [(k[None], v[None]) for k, v in zip(self.keys, self.values)]
 
 
-def _check_ids(ids, vocab_size: int, name: str) -> list[int]:
-    """ids (a list or 1-D tensor of ints) as a list, or a ValueError: one prompt at a time (N.2.7), in range."""
-    if isinstance(ids, torch.Tensor):
-        if ids.dim() != 1 or ids.is_floating_point():
-            raise ValueError(f"{name} must be a 1-D integer tensor or list (one prompt); got shape {tuple(ids.shape)}")
-        ids = ids.tolist()
-    if any(isinstance(i, (list, tuple, torch.Tensor)) for i in ids):
-        raise ValueError(f"{name} is a batch; HOMER processes one prompt at a time: call it once per prompt")
-    if any(isinstance(i, (bool, float)) or not isinstance(i, int) for i in ids):
-        raise ValueError(f"{name} must hold integer token ids")
-    bad = [i for i in ids if not 0 <= i < vocab_size]
-    if bad:
-        raise ValueError(
-            f"{name} holds token id {bad[0]} outside the vocabulary [0, {vocab_size}); check the tokenizer"
-        )
-    return ids
-
-
 def check_bias(bias: torch.Tensor, num_layers: int, max_chunk_len: int) -> torch.Tensor:
     """The bias table as float32 [L, R], or a ValueError naming what is wrong with it."""
     if not isinstance(bias, torch.Tensor) or not bias.is_floating_point() or bias.dim() != 2:
@@ -114,13 +97,16 @@ def homer_prefill(
     cfg = model.cfg
     device = model.embed_tokens.weight.device
     prefix_ids, context_ids, suffix_ids = (
-        _check_ids(ids, cfg.vocab_size, name)
+        check_ids(ids, cfg.vocab_size, name)
         for ids, name in ((prefix_ids, "prefix_ids"), (context_ids, "context_ids"), (suffix_ids, "suffix_ids"))
     )
     P, C, S = len(prefix_ids), len(context_ids), len(suffix_ids)
     p = plan(cfg.num_hidden_layers, config, P, C, S)
     if traversal not in TRAVERSALS:
         raise ValueError(f"traversal must be one of {', '.join(TRAVERSALS)}, got {traversal!r}")
+    itemsize = model.embed_tokens.weight.element_size()
+    fix = "use a smaller max_chunk_len / target_len, a shorter context, or the depth_first traversal"
+    check_fits(homer_bytes(cfg, p, traversal, itemsize), f"HOMER on {P + C + S} tokens ({p.N} leaves)", fix, device)
     if bias is not None:
         bias = check_bias(bias, cfg.num_hidden_layers, p.M).to(device)
     elif config.reduction == "calibrated" and (p.N > 1 or p.root.target < P + C + S):
@@ -166,11 +152,17 @@ def homer_prefill(
 
     walk = depth_first if traversal == "depth_first" else level_order
     root = walk(p, run_leaf, run_layers, lambda a, b: merge(a, b, P, S), meter)
+    logits = model.logits(root.h[None])[0]
+    if not torch.isfinite(logits).all():  # reported, not handed on: NaN/Inf would poison every later step
+        raise RuntimeError(
+            f"HOMER produced NaN/Inf logits: the model's weights hold NaN/Inf or it overflowed in {logits.dtype}; "
+            "check the checkpoint or run in float32"
+        )
     return HomerCache(
         keys=root.keys,
         values=root.values,
         positions=root.positions,
-        logits=model.logits(root.h[None])[0],
+        logits=logits,
         last_position=int(root.positions[-1]),
         nodes=traces,
         plan=p,
@@ -184,7 +176,7 @@ def homer_prefill(
 def continuation_logits(model: Llama, cache: HomerCache, tokens: list[int]) -> torch.Tensor:
     """Teacher-forced logits [T, V] of `tokens` fed after the compact cache at last_position + 1, + 2, ..."""
     device = model.embed_tokens.weight.device
-    tokens = _check_ids(tokens, model.cfg.vocab_size, "tokens")
+    tokens = check_ids(tokens, model.cfg.vocab_size, "tokens")
     x = torch.tensor([tokens], dtype=torch.long, device=device)
     positions = cache.last_position + 1 + torch.arange(len(tokens), device=device)
     return model.forward_cached(x, positions, cache.model_cache())[0][0]
@@ -193,4 +185,8 @@ def continuation_logits(model: Llama, cache: HomerCache, tokens: list[int]) -> t
 @torch.no_grad()
 def homer_generate(model: Llama, cache: HomerCache, max_new_tokens: int, **sampling) -> list[int]:
     """Decode after the compact cache; every generated token, the first included, at last_position + 1 + t."""
+    if isinstance(max_new_tokens, int) and max_new_tokens > 0:  # else `decode` says what is wrong with it
+        w, slots = model.embed_tokens.weight, len(cache.positions) + max_new_tokens
+        needed = kv_bytes(model.cfg, slots * model.cfg.num_hidden_layers, w.element_size())
+        check_fits(needed, f"generating {max_new_tokens} tokens", "generate fewer tokens", w.device)
     return decode(model, cache.logits[-1], cache.model_cache(), cache.last_position + 1, max_new_tokens, **sampling)

@@ -6,11 +6,14 @@ Everything that turns files into a `Llama` lives here, so that `llama.py` stays 
 - `checkpoint_names(cfg)` is the one explicit map from our parameter names to HF checkpoint names.
 - llama2.c checkpoints store q/k in Meta's interleaved RoPE layout; `_interleaved_to_half_split` is the one
   place where they are permuted to HF's half-split layout.
-Nothing is ever unpickled: weights come from safetensors or raw float32 arrays.
+Nothing is ever unpickled: weights come from safetensors or raw float32 arrays. Every tensor is checked for its
+name, shape, dtype and finiteness (NaN/Inf, or overflow of the requested dtype), and a checkpoint too large for
+the memory available is refused before it is read (`budget.py`).
 """
 
 import json
 import math
+import os
 import struct
 from dataclasses import asdict
 from pathlib import Path
@@ -19,6 +22,7 @@ import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 
+from homer_ref.budget import check_fits
 from homer_ref.llama import ROPE_TYPES, Llama, LlamaConfig, RopeScaling
 
 
@@ -47,6 +51,13 @@ def _number_field(d: dict, key: str, default: float, where: str) -> float:
     return float(value)
 
 
+def _bool_field(d: dict, key: str, default: bool, where: str) -> bool:
+    value = d.get(key, default)
+    if not isinstance(value, bool):  # bool("false") is True: never guess
+        raise CheckpointError(f"{where}: '{key}' must be true or false, got {value!r}")
+    return value
+
+
 def _rope_scaling(d: dict, where: str) -> tuple[float, RopeScaling]:
     """(rope_theta, RopeScaling) from `rope_scaling` (transformers v4) or `rope_parameters` (v5)."""
     params = d.get("rope_parameters") or d.get("rope_scaling") or {}
@@ -60,17 +71,23 @@ def _rope_scaling(d: dict, where: str) -> tuple[float, RopeScaling]:
         )
     if rope_type == "default":
         return theta, RopeScaling()
-    kwargs = {"rope_type": rope_type, "factor": _number_field(params, "factor", 0.0, where)}
-    if kwargs["factor"] <= 0:
+    if params.get("factor") is None:
         raise CheckpointError(f"{where}: rope_scaling type {rope_type!r} needs a positive 'factor'")
+    kwargs = {"rope_type": rope_type, "factor": _number_field(params, "factor", 1.0, where)}
     for key in ("low_freq_factor", "high_freq_factor", "beta_fast", "beta_slow", "attention_factor"):
         if params.get(key) is not None:
             kwargs[key] = _number_field(params, key, 1.0, where)
     if params.get("original_max_position_embeddings") is not None:
         kwargs["original_max_position_embeddings"] = _int_field(params, "original_max_position_embeddings", where)
     if "truncate" in params:
-        kwargs["truncate"] = bool(params["truncate"])
-    return theta, RopeScaling(**kwargs)
+        kwargs["truncate"] = _bool_field(params, "truncate", True, where)
+    scaling = RopeScaling(**kwargs)
+    if rope_type == "llama3" and not scaling.high_freq_factor > scaling.low_freq_factor:
+        raise CheckpointError(
+            f"{where}: llama3 rope_scaling needs high_freq_factor > low_freq_factor, got "
+            f"{scaling.high_freq_factor} and {scaling.low_freq_factor}"
+        )
+    return theta, scaling
 
 
 def parse_config(d: dict, where: str = "config.json") -> LlamaConfig:
@@ -109,7 +126,7 @@ def parse_config(d: dict, where: str = "config.json") -> LlamaConfig:
         max_position_embeddings=_int_field(d, "max_position_embeddings", where)
         if d.get("max_position_embeddings") is not None
         else 2048,
-        tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+        tie_word_embeddings=_bool_field(d, "tie_word_embeddings", False, where),
     )
 
 
@@ -129,6 +146,21 @@ def checkpoint_names(cfg: LlamaConfig) -> dict[str, str]:
     return names
 
 
+def num_parameters(cfg: LlamaConfig) -> int:
+    """Parameters of a Llama with this config (a tied head counted once)."""
+    D, F, Dh = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+    per_layer = D * (cfg.num_attention_heads + 2 * cfg.num_key_value_heads) * Dh + cfg.num_attention_heads * Dh * D
+    per_layer += 3 * D * F + 2 * D
+    head = 1 if cfg.tie_word_embeddings else 2
+    return head * cfg.vocab_size * D + cfg.num_hidden_layers * per_layer + D
+
+
+def _check_file_fits(paths: list[Path]) -> None:
+    """Refuse, before reading it, a checkpoint larger than the memory available."""
+    needed = sum(p.stat().st_size for p in paths if p.is_file())
+    check_fits(needed, f"reading {paths[0].parent if len(paths) > 1 else paths[0]}", "use a machine with more memory")
+
+
 def _build(cfg: LlamaConfig, tensors: dict[str, torch.Tensor], source: str, dtype, device) -> Llama:
     """A `Llama` whose parameters are `tensors` (keyed by checkpoint name), every name and shape checked."""
     names = checkpoint_names(cfg)
@@ -139,7 +171,7 @@ def _build(cfg: LlamaConfig, tensors: dict[str, torch.Tensor], source: str, dtyp
         raise CheckpointError(f"{source}: unexpected tensor '{unexpected[0]}' ({len(unexpected)} in all) for {cfg}")
     # Parameters are created without memory on the meta device for large models; small ones are built on the
     # CPU, because initialising on meta imports torch's compiler stack (~2 s per process).
-    size = sum(t.numel() for t in tensors.values())
+    size = max(sum(t.numel() for t in tensors.values()), num_parameters(cfg))
     with torch.device("meta" if size > 200_000_000 else "cpu"):
         model = Llama(cfg)
     params = dict(model.named_parameters(remove_duplicate=False))
@@ -154,7 +186,23 @@ def _build(cfg: LlamaConfig, tensors: dict[str, torch.Tensor], source: str, dtyp
             )
         if t.is_floating_point() is False:
             raise CheckpointError(f"{source}: tensor '{theirs}' has integer dtype {t.dtype}")
+    copies = [t for t in (tensors[theirs] for theirs in names.values()) if t.dtype != dtype or t.device != device]
+    needed = sum(t.numel() for t in copies) * dtype.itemsize
+    check_fits(needed, f"{source} in {dtype} on {device}", "load it in a smaller dtype or on a larger machine", device)
+    for ours, theirs in names.items():
+        t = tensors[theirs]
         state[ours] = t.to(dtype=dtype, device=device)
+        if not torch.isfinite(state[ours]).all():  # detected here, never propagated into logits
+            if torch.isfinite(t).all():
+                raise CheckpointError(
+                    f"{source}: tensor '{theirs}' overflows {dtype} (values up to {t.abs().max().item():.3g}); "
+                    "load it in float32 or bfloat16"
+                )
+            bad = (~torch.isfinite(t)).sum().item()
+            raise CheckpointError(
+                f"{source}: tensor '{theirs}' holds {bad} NaN/Inf value(s); the checkpoint is corrupt: "
+                "re-download or re-export it"
+            )
     if cfg.tie_word_embeddings:
         state["lm_head.weight"] = state["embed_tokens.weight"]
     model.load_state_dict(state, assign=True, strict=True)
@@ -167,7 +215,7 @@ def _read_safetensors(path: Path, keys: list[str] | None = None) -> dict[str, to
     try:
         with safe_open(str(path), framework="pt") as f:
             return {k: f.get_tensor(k) for k in (keys if keys is not None else f.keys())}
-    except (SafetensorError, OSError, RuntimeError) as e:
+    except (SafetensorError, OSError, RuntimeError, TypeError, ValueError) as e:
         raise CheckpointError(f"{path}: not a readable safetensors file ({e}); re-save it or re-download it") from e
 
 
@@ -179,17 +227,22 @@ def _load_hf_dir(path: Path, dtype, device) -> Llama:
             "or a llama2.c .bin file"
         )
     try:
-        cfg = parse_config(json.loads(config_path.read_text(encoding="utf-8")), str(config_path))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        d = json.loads(config_path.read_text(encoding="utf-8"))
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, a 5000-digit number
         raise CheckpointError(f"{config_path}: not valid JSON ({e})") from e
+    cfg = parse_config(d, str(config_path))
     index = path / "model.safetensors.index.json"
     if (path / "model.safetensors").is_file():
+        _check_file_fits([path / "model.safetensors"])
         tensors = _read_safetensors(path / "model.safetensors")
     elif index.is_file():
         try:
             weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+        except (ValueError, RecursionError, KeyError, TypeError) as e:
             raise CheckpointError(f"{index}: not a valid safetensors index (needs a 'weight_map' object)") from e
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise CheckpointError(f"{index}: 'weight_map' must map tensor names to shard file names")
+        _check_file_fits([path / shard for shard in sorted(set(weight_map.values()))])
         tensors = {}
         for shard in sorted(set(weight_map.values())):
             tensors.update(_read_safetensors(path / shard, [k for k, v in weight_map.items() if v == shard]))
@@ -214,9 +267,15 @@ def _interleaved_to_half_split(w: np.ndarray, n_heads: int) -> np.ndarray:
 
 
 def _load_llama2c(path: Path, dtype, device) -> Llama:
+    _check_file_fits([path])
     data = path.read_bytes()
     if len(data) < _LLAMA2C_HEADER.size:
         raise CheckpointError(f"{path}: {len(data)} bytes is too short for a llama2.c header (28 bytes)")
+    if data.startswith((b"PK\x03\x04", b"\x80\x02\x8a\x0a")):  # torch.save's zip archive, or its legacy pickle
+        raise CheckpointError(
+            f"{path}: a pickled PyTorch checkpoint, which homer_ref never loads; convert it to an HF directory "
+            "with save_pretrained(..., safe_serialization=True)"
+        )
     dim, hidden, L, Hq, Hkv, vocab, seq_len = _LLAMA2C_HEADER.unpack_from(data)
     if dim == 0x616B3432:  # "ak42": llama2.c version-1/2 export
         raise CheckpointError(f"{path}: llama2.c v1/v2 export; only the legacy format is read (export --version 0)")
@@ -319,6 +378,16 @@ def save_hf(model: Llama, path, dtype: torch.dtype | None = None) -> None:
 
 def load_model(path, dtype: torch.dtype = torch.float32, device="cpu") -> Llama:
     """A `Llama` from an HF model directory or a llama2.c legacy `.bin` file, in `dtype` on `device`."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise ValueError(f"load_model needs a path (str or Path), got {type(path).__name__}")
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"dtype must be a floating torch.dtype such as torch.float32, got {dtype!r}")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device {device!r} is not a torch device ('cpu', 'cuda', 'cuda:1', ...)") from e
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device} requested but CUDA is not available here; use device='cpu'")
     path = Path(path)
     if path.is_dir():
         return _load_hf_dir(path, dtype, device)
@@ -356,8 +425,19 @@ class Tokenizer:
         return self.sp.id_to_piece(int(token_id))
 
 
+def check_tokenizer(tokenizer: Tokenizer, cfg: LlamaConfig) -> None:
+    """A ValueError unless the tokenizer's vocabulary is the model's (else ids go out of range, or mean other words)."""
+    if tokenizer.vocab_size != cfg.vocab_size:
+        raise ValueError(
+            f"tokenizer {tokenizer.path} has {tokenizer.vocab_size} pieces but the model's vocabulary is "
+            f"{cfg.vocab_size}; pass the tokenizer the model was trained with (--tokenizer)"
+        )
+
+
 def load_tokenizer(path) -> Tokenizer:
     """A `Tokenizer` from a `.model` file or a model directory holding `tokenizer.model`."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise ValueError(f"load_tokenizer needs a path (str or Path), got {type(path).__name__}")
     path = Path(path)
     if path.is_dir():
         if not (path / "tokenizer.model").is_file():

@@ -126,6 +126,8 @@ def _last_leaf_ok(M: int, P: int, C: int, S: int) -> bool:
 
 def check_config(L: int, config: HomerConfig, P: int, C: int, S: int) -> None:
     """Raise `ValueError` for every configuration HOMER_SPEC.md N.2.6 forbids; the message suggests a fix."""
+    if not isinstance(config, HomerConfig):
+        raise ValueError(f"config must be a HomerConfig(max_chunk_len, target_len, ...), got {type(config).__name__}")
     M, W = config.max_chunk_len, config.warmup_layers
     T = M if config.target_len is None else config.target_len
     for name, value in (("max_chunk_len", M), ("target_len", T), ("warmup_layers", W), ("seed", config.seed)):

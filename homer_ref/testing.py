@@ -69,14 +69,17 @@ def _read_file(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     from safetensors import safe_open  # torch framework: reads bfloat16/float16 too
 
     if not path.is_file():
-        raise ValueError(f"{path}: no such file")
+        raise ValueError(f"{path}: {'is a directory, not a trace file' if path.is_dir() else 'no such file'}")
     try:
         with safe_open(str(path), framework="pt") as f:
             return {k: _to_numpy(f.get_tensor(k)) for k in f.keys()}, dict(f.metadata() or {})
     except ValueError:
         raise
     except Exception as e:  # safetensors raises several types for unreadable files
-        raise ValueError(f"{path}: not a readable safetensors file ({e})") from e
+        raise ValueError(
+            f"{path}: not a readable safetensors file ({e}); pass a trace as python -m homer_ref.trace writes it "
+            "(docs/TRACE_FORMAT.md)"
+        ) from e
 
 
 def _from_result(result) -> dict[str, np.ndarray]:
@@ -128,12 +131,51 @@ def load_trace(source, name: str = "trace") -> Trace:
     if missing:
         found = ", ".join(sorted(tensors)[:6]) or "nothing"
         raise ValueError(f"{name}: not a HOMER trace: no {', '.join(missing)} tensor (found {found})")
+    _check_layout(tensors, name)
     version = metadata.get("format_version", SUPPORTED_VERSIONS[-1])
     if version not in SUPPORTED_VERSIONS:
         raise ValueError(
             f"{name}: trace format_version {version!r}; this homer_ref reads {', '.join(SUPPORTED_VERSIONS)}"
         )
     return Trace(tensors, metadata, name)
+
+
+# The shape every comparison relies on, per tensor name: a number is a fixed size, "n" any size; integer or float.
+_LAYOUT = {"positions": (("n",), int), "last_position_id": ((1,), int), "logits": (("n", "n"), float),
+           "keys": (("n", "n", "n"), float), "values": (("n", "n", "n"), float), "node_order": (("n", 2), int),
+           "layers": ((2,), int), "target": ((1,), int), "input_positions": (("n",), int), "kept": (("n",), int),
+           "removed": (("n",), int), "scores": (("n",), float)}  # fmt: skip
+_NODE_FIELDS = ("layers", "target", "input_positions", "kept", "removed")
+
+
+def _check_layout(tensors: dict[str, np.ndarray], name: str) -> None:
+    """A ValueError naming the first tensor that is not as docs/TRACE_FORMAT.md says: its rank, a fixed size, integer
+    values, a layer or node field missing, slot indices or scores not matching the node's input slots."""
+    invalid = f"{name}: not a valid HOMER trace (docs/TRACE_FORMAT.md):"
+    for key, a in tensors.items():
+        kind = key.split(".")[-1] if key.startswith("node.") else key.split(".")[0]
+        if kind not in _LAYOUT:
+            continue
+        shape, dtype = _LAYOUT[kind]
+        if a.ndim != len(shape) or any(want != "n" and got != want for got, want in zip(a.shape, shape)):
+            raise ValueError(f"{invalid} '{key}' has shape {_shape(a)}, expected [{', '.join(map(str, shape))}]")
+        if dtype is int and not np.issubdtype(a.dtype, np.integer):
+            raise ValueError(f"{invalid} '{key}' holds {a.dtype} values, expected integers")
+    layers = sum(k.startswith("keys.") for k in tensors)
+    needed = [f"{kind}.{layer}" for layer in range(layers) for kind in ("keys", "values")]
+    for level, index in tensors.get("node_order", []):
+        needed += [f"node.{level}.{index}.{what}" for what in _NODE_FIELDS]
+    missing = [k for k in needed if k not in tensors]
+    if missing:
+        raise ValueError(f"{invalid} no '{missing[0]}' tensor ({len(missing)} missing in all)")
+    for key, a in tensors.items():  # a node's slot indices and scores refer to its input slots
+        inputs = tensors.get(key.rsplit(".", 1)[0] + ".input_positions") if key.startswith("node.") else None
+        if inputs is None or not key.endswith((".kept", ".removed", ".scores")):
+            continue
+        if key.endswith(".scores") and a.size != inputs.size:
+            raise ValueError(f"{invalid} '{key}' has {a.size} scores for {inputs.size} input slots")
+        if not key.endswith(".scores") and a.size and not (a.min() >= 0 and a.max() < inputs.size):
+            raise ValueError(f"{invalid} '{key}' holds slot indices outside [0, {inputs.size})")
 
 
 def decision_margin(trace) -> float:
@@ -444,6 +486,8 @@ def compare_traces(
     (layers, target, input positions, kept and removed slots, scores), then the final cache (positions,
     last_position_id, keys and values layer by layer, logits). `nodes=False` compares the final cache only.
     """
+    if not (atol >= 0 and rtol >= 0):  # NaN tolerances would make every element diverge
+        raise ValueError(f"atol and rtol must be >= 0, got {atol} and {rtol}")
     e, a = load_trace(expected, "expected"), load_trace(actual, "actual")
     c = _Comparer(e, a, atol, rtol)
     c.metadata()

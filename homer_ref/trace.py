@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from homer_ref.cli import DTYPES, progress, run_main
+from homer_ref.cli import DTYPES, check_out, progress, run_main
 from homer_ref.homer import HomerCache, homer_prefill
 from homer_ref.loading import load_model
 from homer_ref.plan import REDUCTIONS, HomerConfig
@@ -84,8 +84,8 @@ def trace_tensors(result: HomerCache, dtype: torch.dtype) -> dict[str, torch.Ten
 def save_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
     """Write to a temporary file beside `path`, then rename: an interrupted run leaves no partial file."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
     try:
+        os.close(fd)
         save_file(tensors, tmp, metadata=metadata)
         os.replace(tmp, path)
     except BaseException:
@@ -94,14 +94,20 @@ def save_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str
 
 
 def load_bias(path) -> torch.Tensor:
-    """The `"bias"` tensor of a safetensors file."""
+    """The `"bias"` tensor [L, R] of a safetensors file (its values are checked by `homer.check_bias`)."""
     try:
         tensors = load_file(str(path))
     except Exception as e:  # safetensors raises several types for unreadable files
         raise ValueError(f"{path}: not a readable safetensors file ({e})") from e
     if "bias" not in tensors:
         raise ValueError(f"{path}: no tensor named 'bias' (found {', '.join(sorted(tensors)) or 'none'})")
-    return tensors["bias"]
+    bias = tensors["bias"]
+    if bias.dim() != 2 or not bias.is_floating_point():
+        raise ValueError(
+            f"{path}: 'bias' is {str(bias.dtype).removeprefix('torch.')} {list(bias.shape)}, expected a float "
+            "[num_layers, R] table; compute one with python -m homer_ref.calibrate"
+        )
+    return bias
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -126,10 +132,9 @@ def main(argv: list[str] | None = None) -> int:
         data = json.loads(args.input.read_text(encoding="utf-8"))
     except OSError as e:
         parser.error(f"--input {args.input}: {e.strerror}")
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (ValueError, RecursionError) as e:  # UnicodeDecodeError, JSONDecodeError, too deep or too long numbers
         parser.error(f"--input {args.input}: not valid UTF-8 JSON ({e})")
-    if not args.out.parent.is_dir():
-        parser.error(f"--out {args.out}: directory {args.out.parent} does not exist")
+    check_out(parser, args.out)
     prefix, context, suffix, config = parse_input(data)
     bias = load_bias(args.bias) if args.bias is not None else None
     dtype = DTYPES[args.dtype]

@@ -1,0 +1,283 @@
+"""Issue 8, fuzzing: random bytes and random JSON fed to every loader and to the trace input parser give a clean
+error or a valid result, never an unexpected exception.
+
+"Clean error": ValueError (CheckpointError for files), whose message is one line, or MemoryError for a request
+estimated too large. "Valid result": a model that generates tokens (or reports NaN logits), a tokenizer, a HOMER
+cache with the planned number of slots, a comparison report. Inputs start from valid files and are corrupted the
+ways files get corrupted (truncated, bytes overwritten, fields replaced by other JSON values), so the fuzzing gets
+past the first check. HOMER_REF_FUZZ_EXAMPLES=1000 runs longer than the default 60 examples per test.
+"""
+
+import contextlib
+import io
+import json
+import os
+import shutil
+import struct
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+from test_hardening_api import MHA
+
+from homer_ref import load_model, load_tokenizer
+from homer_ref.cli import run_main
+from homer_ref.decoding import generate_plain
+from homer_ref.homer import homer_prefill
+from homer_ref.testing import compare_traces, load_trace
+from homer_ref.trace import load_bias, parse_input
+from homer_ref.trace import main as trace_main
+
+FUZZ = settings(
+    max_examples=int(os.environ.get("HOMER_REF_FUZZ_EXAMPLES", 60)),
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+CONFIG_BYTES = (MHA / "config.json").read_bytes()
+WEIGHT_BYTES = (MHA / "model.safetensors").read_bytes()
+CONFIG = json.loads(CONFIG_BYTES)
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**40), 2**40) | st.floats() | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=8,
+)
+
+
+@st.composite
+def corrupted(draw, valid: bytes) -> bytes:
+    """`valid` truncated, with a slice overwritten by random bytes, or replaced by random bytes altogether."""
+    how = draw(st.sampled_from(["truncate", "overwrite", "random"]))
+    if how == "random":
+        return draw(st.binary(max_size=400))
+    at = draw(st.integers(0, len(valid)))
+    if how == "truncate":
+        return valid[:at]
+    patch = draw(st.binary(min_size=1, max_size=16))
+    return valid[:at] + patch + valid[at + len(patch) :]
+
+
+def clean(error: BaseException) -> None:
+    """The error a bad input may raise: ValueError or MemoryError with a one-line message."""
+    assert isinstance(error, (ValueError, MemoryError)), f"unexpected {type(error).__name__}: {error}"
+    assert "\n" not in str(error), f"multi-line message: {error}"
+
+
+def check_model(path) -> None:
+    """Load, then generate: a clean error, or tokens. Weights that are finite but huge (a corrupted float's
+    exponent) cannot be told from real ones at load; their overflow must then be reported, not turned into tokens."""
+    try:
+        model = load_model(path)
+    except Exception as e:
+        clean(e)
+        return
+    try:
+        tokens = generate_plain(model, [1, 2, 3, 60], 2)
+    except RuntimeError as e:
+        assert "NaN" in str(e) and "\n" not in str(e), e
+        return
+    assert len(tokens) == 2 and all(0 <= t < model.cfg.vocab_size for t in tokens)
+
+
+@pytest.fixture(scope="module")
+def fuzz_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("fuzz")
+
+
+@pytest.fixture(scope="module")
+def model_dir(fuzz_dir):
+    return shutil.copytree(MHA, fuzz_dir / "model")
+
+
+def restore(d) -> None:
+    (d / "config.json").write_bytes(CONFIG_BYTES)
+    (d / "model.safetensors").write_bytes(WEIGHT_BYTES)
+
+
+# ----------------------------------------------------------------------------------------------- loaders
+
+
+@FUZZ
+@given(data=corrupted(CONFIG_BYTES))
+def test_corrupted_config_json(model_dir, data):
+    restore(model_dir)
+    (model_dir / "config.json").write_bytes(data)
+    check_model(model_dir)
+
+
+@FUZZ
+@given(
+    changes=st.dictionaries(st.sampled_from(sorted(CONFIG) + ["rope_scaling", "rope_parameters"]), json_values),
+    removed=st.sets(st.sampled_from(sorted(CONFIG))),
+)
+def test_config_fields_replaced_by_random_json(model_dir, changes, removed):
+    restore(model_dir)
+    config = {k: v for k, v in {**CONFIG, **changes}.items() if k not in removed}
+    (model_dir / "config.json").write_text(json.dumps(config))
+    check_model(model_dir)
+
+
+@FUZZ
+@given(
+    scaling=st.fixed_dictionaries(
+        {"rope_type": st.sampled_from(["linear", "dynamic", "yarn", "llama3", "ntk"])},
+        optional={
+            key: st.floats(-10, 1e6) | json_values
+            for key in (
+                "factor",
+                "low_freq_factor",
+                "high_freq_factor",
+                "beta_fast",
+                "beta_slow",
+                "attention_factor",
+                "original_max_position_embeddings",
+                "truncate",
+            )  # fmt: skip
+        },
+    ),
+    theta=st.floats(1e-3, 1e7) | json_values,
+)
+def test_random_rope_scaling(model_dir, scaling, theta):
+    """The rope fields reach the forward pass: a config that loads must give finite logits."""
+    restore(model_dir)
+    (model_dir / "config.json").write_text(json.dumps({**CONFIG, "rope_theta": theta, "rope_scaling": scaling}))
+    check_model(model_dir)
+
+
+@FUZZ
+@given(data=corrupted(WEIGHT_BYTES))
+def test_corrupted_safetensors(model_dir, data):
+    restore(model_dir)
+    (model_dir / "model.safetensors").write_bytes(data)
+    check_model(model_dir)
+
+
+@FUZZ
+@given(header=st.dictionaries(st.sampled_from(["model.norm.weight", "lm_head.weight", "__metadata__"]), json_values),
+       body=st.binary(max_size=64))  # fmt: skip
+def test_safetensors_with_a_random_header(model_dir, header, body):
+    restore(model_dir)
+    text = json.dumps(header).encode()
+    (model_dir / "model.safetensors").write_bytes(struct.pack("<Q", len(text)) + text + body)
+    check_model(model_dir)
+
+
+@FUZZ
+@given(dims=st.tuples(*[st.integers(-3, 12)] * 7), body=st.integers(0, 6000), seed=st.integers(0, 3))
+def test_llama2c_with_a_random_header(fuzz_dir, dims, body, seed):
+    """Random small header values; a body of random length (of finite floats: sometimes exactly the right size)."""
+    path = fuzz_dir / "fuzz.bin"
+    floats = np.random.default_rng(seed).normal(0, 0.1, body).astype("<f4")
+    path.write_bytes(struct.pack("<7i", *dims) + floats.tobytes())
+    check_model(path)
+
+
+@FUZZ
+@given(data=st.binary(max_size=300))
+def test_random_bytes_as_tokenizer_bias_and_trace(fuzz_dir, data):
+    path = fuzz_dir / "fuzz.model"
+    path.write_bytes(data)
+    for load in (load_tokenizer, load_bias, load_trace):
+        try:
+            load(path)
+        except Exception as e:
+            clean(e)
+
+
+# ----------------------------------------------------------------------------------------------- trace input
+
+INPUT_KEYS = ["prefix_ids", "context_ids", "suffix_ids", "max_chunk_len", "target_len", "warmup_layers", "reduction"]
+ids = st.lists(st.integers(-2, 70), max_size=40)
+INPUT = st.fixed_dictionaries(
+    {"prefix_ids": ids, "context_ids": ids, "suffix_ids": ids, "max_chunk_len": st.integers(-2, 40),
+     "target_len": st.integers(-2, 40), "warmup_layers": st.integers(-1, 7)},
+    optional={"reduction": st.sampled_from(["uncalibrated", "random", "calibrated", "top"]),
+              "seed": st.integers(-(2**70), 2**70), "extra": json_values},
+)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def model():
+    return load_model(MHA)
+
+
+@FUZZ
+@given(data=INPUT | json_values, replaced=st.dictionaries(st.sampled_from(INPUT_KEYS), json_values, max_size=2))
+def test_random_trace_input(model, data, replaced):
+    """parse_input, then the prefill: a ValueError naming the field, or a cache with the planned slots."""
+    if isinstance(data, dict):
+        data = {**data, **replaced}
+    try:
+        prefix, context, suffix, config = parse_input(data)
+        cache = homer_prefill(model, prefix, context, suffix, config)
+    except Exception as e:
+        clean(e)
+        return
+    assert len(cache.positions) == cache.plan.final_len and torch.isfinite(cache.logits).all()
+
+
+@settings(max_examples=25, deadline=None)
+@given(data=corrupted(json.dumps({"prefix_ids": [1], "context_ids": list(range(2, 26)), "suffix_ids": [3],
+       "max_chunk_len": 8, "target_len": 8, "warmup_layers": 0, "reduction": "random"}).encode()))  # fmt: skip
+def test_corrupted_trace_input_file(fuzz_dir, data):
+    """The command itself on corrupted input files: exit 0 (a trace written) or 2 (one error line)."""
+    d = fuzz_dir
+    (d / "in.json").write_bytes(data)
+    out = d / "fuzz-trace.safetensors"
+    out.unlink(missing_ok=True)
+    with contextlib.redirect_stderr(io.StringIO()) as stderr:
+        try:
+            code = run_main(trace_main, ["--model", str(MHA), "--input", str(d / "in.json"), "--out", str(out)])
+        except SystemExit as e:  # argparse's usage errors
+            code = e.code
+    err = stderr.getvalue()
+    assert code in (0, 2) and "Traceback" not in err, err
+    assert out.is_file() == (code == 0)
+    if code == 2:
+        assert err.splitlines()[-1].count("error: ") == 1
+
+
+# ----------------------------------------------------------------------------------------------- traces
+
+FOUR_LEAVES = MHA.parent.parent / "cases" / "four_leaves" / "trace.safetensors"
+TRACE = load_trace(FOUR_LEAVES).tensors
+random_arrays = hnp.arrays(
+    st.sampled_from([np.int64, np.int32, np.float64, np.float32]),
+    hnp.array_shapes(min_dims=0, max_dims=3, min_side=0, max_side=20),
+    elements=st.integers(-3, 40),
+)
+
+
+@st.composite
+def replacement(draw, key: str):
+    """Delete the tensor, replace it by a random array, or shift its values (same shape, maybe out of range)."""
+    how = draw(st.sampled_from(["delete", "random", "shift"]))
+    if how == "delete":
+        return None
+    if how == "random":
+        return draw(random_arrays)
+    return TRACE[key] + draw(st.integers(-20, 20))
+
+
+@FUZZ
+@given(data=st.data(), keys=st.sets(st.sampled_from(sorted(TRACE)), min_size=1, max_size=3), swap=st.booleans())
+def test_structurally_corrupted_traces(data, keys, swap):
+    """compare_traces (the compare command) either reports divergences or refuses the file; exit 1 means 'diverge',
+    so an unexpected exception there would be misread as a divergence."""
+    corrupted = dict(TRACE)
+    for key in keys:
+        value = data.draw(replacement(key), label=key)
+        if value is None:
+            del corrupted[key]
+        else:
+            corrupted[key] = value
+    expected, actual = (corrupted, FOUR_LEAVES) if swap else (FOUR_LEAVES, corrupted)
+    try:
+        report = compare_traces(expected, actual)
+    except Exception as e:
+        clean(e)
+        return
+    assert report.format() and report.to_dict()["ok"] == report.ok
