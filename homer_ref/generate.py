@@ -14,6 +14,8 @@ stdout carries the generated continuation only (so it pipes); settings, the HOME
 """
 
 import argparse
+import math
+import random
 import sys
 import time
 from pathlib import Path
@@ -22,8 +24,8 @@ from homer_ref.calibration import calibrate_on_context
 from homer_ref.cli import DTYPES, progress, run_main
 from homer_ref.decoding import generate_plain
 from homer_ref.homer import homer_generate, homer_prefill
-from homer_ref.loading import Tokenizer, load_model, load_tokenizer
-from homer_ref.plan import REDUCTIONS, HomerConfig
+from homer_ref.loading import Tokenizer, check_tokenizer, load_model, load_tokenizer
+from homer_ref.plan import REDUCTIONS, HomerConfig, plan
 from homer_ref.trace import load_bias
 from homer_ref.traversal import plain_kv
 
@@ -92,8 +94,11 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("max_new_tokens", "warmup_layers"):
         if getattr(args, name) < 0:
             parser.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
-    if args.temperature < 0:
-        parser.error(f"--temperature must be >= 0, got {args.temperature}")
+    if not 0 <= args.temperature < math.inf:  # NaN fails too
+        parser.error(f"--temperature must be a finite number >= 0, got {args.temperature}")
+    for name in ("max_chunk_len", "target_len"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if not 0 < args.top_p <= 1:
         parser.error(f"--top-p must be in (0, 1], got {args.top_p}")
     if args.model is None:
@@ -111,15 +116,13 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     model = load_model(args.model, dtype=DTYPES[args.dtype])
     tokenizer = load_tokenizer(args.tokenizer if args.tokenizer else args.model)
-    if tokenizer.vocab_size != model.cfg.vocab_size:
-        raise ValueError(
-            f"tokenizer has {tokenizer.vocab_size} pieces but the model's vocabulary is {model.cfg.vocab_size}; "
-            "pass the tokenizer the model was trained with (--tokenizer)"
-        )
+    check_tokenizer(tokenizer, model.cfg)
     full = (args.prefix or "") + text + (args.suffix or "")
     trained = model.cfg.max_position_embeddings
     n_prompt = len(tokenizer.encode(full, bos=True))
     mode = args.mode if args.mode != "auto" else ("plain" if n_prompt <= trained else "homer")
+    if mode == "homer" and not full.strip():
+        raise ValueError("the prompt is empty, there is nothing for HOMER to read; pass --prompt or --prompt-file")
     progress(f"model {args.model} ({args.dtype}), prompt {n_prompt} tokens, trained context {trained}, mode {mode}")
     printed, out = "", []
 
@@ -149,8 +152,11 @@ def main(argv: list[str] | None = None) -> int:
 def run_homer(model, args, M: int, prefix_ids, context_ids, suffix_ids, model_path):
     """HOMER prefill with the command line's settings; reports the bias used and the plan on stderr."""
     config = HomerConfig(M, args.target_len, args.warmup_layers, args.reduction, args.seed)
+    plan(model.cfg.num_hidden_layers, config, len(prefix_ids), len(context_ids), len(suffix_ids))  # errors first
     bias = None
-    if args.reduction == "calibrated":
+    if args.reduction == "calibrated" and not context_ids:
+        progress("bias: not needed (the prompt has no context part: HOMER is the plain forward)")
+    elif args.reduction == "calibrated":
         default_bias = Path(model_path) / "homer_bias.safetensors"
         if args.bias is not None:
             bias, source = load_bias(args.bias), f"bias: {args.bias}"
@@ -176,10 +182,36 @@ def run_homer(model, args, M: int, prefix_ids, context_ids, suffix_ids, model_pa
 
 
 def passkey_demo(args) -> int:
-    """No arguments: HOMER reads a passkey prompt at 8x the shipped model's trained context."""
+    """No arguments: HOMER reads a passkey prompt at 8x the shipped model's trained context.
+
+    stdout: HOMER's answer. stderr: the plan, the true passkey, and what plain inference answers on the same prompt.
+    """
+    from homer_ref import passkey
+
     if not (SHIPPED_MODEL / "config.json").is_file():
-        raise ValueError(f"the shipped model is missing ({SHIPPED_MODEL}); pass --model DIR")
-    raise ValueError("the passkey demo is not available yet; pass --model DIR")
+        raise ValueError(f"the shipped model is missing ({SHIPPED_MODEL}); reinstall homer_ref or pass --model DIR")
+    model = load_model(SHIPPED_MODEL, dtype=DTYPES[args.dtype])
+    tokenizer = load_tokenizer(SHIPPED_MODEL)
+    trained = model.cfg.max_position_embeddings
+    prefix, context, suffix, key = passkey.make_sample(random.Random(args.seed), 8 * trained)
+    parts = (
+        tokenizer.encode(prefix, bos=True),
+        tokenizer.encode(context, bos=False),
+        tokenizer.encode(suffix, bos=False),
+    )
+    total = sum(map(len, parts))
+    progress(f"passkey demo: shipped model (trained context {trained}), prompt {total} tokens = {total / trained:.1f}x")
+    M = args.max_chunk_len or trained // 2
+    new_tokens = args.max_new_tokens if args.max_new_tokens != 100 else 2 * passkey.PASSKEY_DIGITS
+    cache = run_homer(model, args, M, *parts, SHIPPED_MODEL)
+    answer = tokenizer.decode(homer_generate(model, cache, new_tokens, temperature=args.temperature, seed=args.seed))
+    print(answer.strip())
+    plain = tokenizer.decode(generate_plain(model, [i for part in parts for i in part], new_tokens))
+    progress(
+        f"true passkey: {key}; HOMER answered {answer.strip()!r} ({'right' if passkey.score(answer, key) else 'wrong'})"
+    )
+    progress(f"plain inference answered {plain.strip()!r} ({'right' if passkey.score(plain, key) else 'wrong'})")
+    return 0
 
 
 if __name__ == "__main__":
