@@ -293,6 +293,17 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
 
 
+def text_plot(rows: list[dict], width: int = 60) -> list[str]:
+    """Bars of live KV per length: '#' depth-first HOMER, '=' level-order HOMER, '.' plain."""
+    scale = width / max(r["plain_kv"] for r in rows)
+    lines = []
+    for r in rows:
+        for mark, key in (("#", "homer_depth_first_kv"), ("=", "homer_level_order_kv"), (".", "plain_kv")):
+            label = f"{r['length']:>6}" if mark == "#" else " " * 6
+            lines.append(f"{label} {mark * max(1, round(r[key] * scale)):<{width}} {r[key]:>9,}")
+    return lines
+
+
 def markdown(result: dict) -> str:
     """The README's results tables."""
     out = [
@@ -318,6 +329,12 @@ def markdown(result: dict) -> str:
         for r in result["memory"]
     ]
     out += _table(header, rows)
+    out += [
+        "",
+        "Live KV against context length (bench model; one character = 1/60 of the plain cache at the longest):",
+        "",
+    ]
+    out += ["```"] + text_plot(result["memory"]) + ["```"]
     if result["stories"]:
         out += ["", "**stories260K** (5 layers), M = T = 512, within its depth limit:", ""]
         header = ["tokens", "live KV depth-first / plain", "level-order / plain", "time HOMER / plain"]

@@ -69,3 +69,13 @@ def test_operation_counts_agree_when_homer_is_trivial():
     n = 44
     brute = sum(i + 1 for i in range(n)) * 2 * cfg.num_attention_heads * cfg.head_dim * cfg.num_hidden_layers
     assert counts["plain_attention"] == brute
+
+
+def test_bench_measurement_reports_the_simulated_live_kv():
+    """The benchmark's per-run measurement (what its tables are made of) on a short input of the bench model."""
+    from homer_ref.bench import BENCH, P_BENCH, S_BENCH, measure_one
+
+    row = measure_one("bench", "homer_depth_first", 600, 128)
+    p = plan(BENCH.num_hidden_layers, HomerConfig(128, 128, 0), P_BENCH, 600 - P_BENCH - S_BENCH, S_BENCH)
+    assert row["live_kv"] == max(simulate_live_kv(p, "depth_first"))
+    assert measure_one("bench", "plain", 600, 128)["live_kv"] == plain_kv(p)
