@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from homer_ref.calibration import calibrate, windows_from_ids
-from homer_ref.cli import check_out, progress, run_main
+from homer_ref.cli import check_out, progress, run_main, set_threads_for
 from homer_ref.loading import check_tokenizer, load_model, load_tokenizer
 from homer_ref.trace import save_atomic
 
@@ -43,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--text {args.text}: {e.strerror}")
     check_out(parser, args.out)
     model = load_model(args.model)
+    set_threads_for(model)
     tokenizer = load_tokenizer(args.tokenizer or args.model)
     check_tokenizer(tokenizer, model.cfg)
     windows = windows_from_ids(tokenizer.encode(text, bos=False), args.max_chunk_len, args.samples)

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from homer_ref.calibration import calibrate_on_context
-from homer_ref.cli import DTYPES, progress, run_main
+from homer_ref.cli import DTYPES, progress, run_main, set_threads_for
 from homer_ref.decoding import generate_plain
 from homer_ref.homer import homer_generate, homer_prefill
 from homer_ref.loading import Tokenizer, check_tokenizer, load_model, load_tokenizer
@@ -115,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--prompt-file {args.prompt_file}: {e.strerror}")
     t0 = time.perf_counter()
     model = load_model(args.model, dtype=DTYPES[args.dtype])
+    set_threads_for(model)
     tokenizer = load_tokenizer(args.tokenizer if args.tokenizer else args.model)
     check_tokenizer(tokenizer, model.cfg)
     full = (args.prefix or "") + text + (args.suffix or "")
@@ -191,6 +192,7 @@ def passkey_demo(args) -> int:
     if not (SHIPPED_MODEL / "config.json").is_file():
         raise ValueError(f"the shipped model is missing ({SHIPPED_MODEL}); reinstall homer_ref or pass --model DIR")
     model = load_model(SHIPPED_MODEL, dtype=DTYPES[args.dtype])
+    set_threads_for(model)
     tokenizer = load_tokenizer(SHIPPED_MODEL)
     trained = model.cfg.max_position_embeddings
     prefix, context, suffix, key = passkey.make_sample(random.Random(args.seed), 8 * trained)

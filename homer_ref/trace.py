@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from homer_ref.cli import DTYPES, check_out, progress, run_main
+from homer_ref.cli import DTYPES, check_out, progress, run_main, set_threads_for
 from homer_ref.homer import HomerCache, homer_prefill
 from homer_ref.loading import load_model
 from homer_ref.plan import REDUCTIONS, HomerConfig
@@ -139,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     bias = load_bias(args.bias) if args.bias is not None else None
     dtype = DTYPES[args.dtype]
     model = load_model(args.model, dtype=dtype)
+    set_threads_for(model)
     result = homer_prefill(model, prefix, context, suffix, config, bias=bias, traversal=args.traversal)
     metadata = {
         "format_version": FORMAT_VERSION,
