@@ -188,6 +188,7 @@ def passkey_demo(args) -> int:
     stdout: HOMER's answer. stderr: the plan, the true passkey, and what plain inference answers on the same prompt.
     """
     from homer_ref import passkey
+    from homer_ref.eval import ANSWER_ROOM  # prompts and M exactly as `eval passkey` measures them
 
     if not (SHIPPED_MODEL / "config.json").is_file():
         raise ValueError(f"the shipped model is missing ({SHIPPED_MODEL}); reinstall homer_ref or pass --model DIR")
@@ -195,7 +196,7 @@ def passkey_demo(args) -> int:
     set_threads_for(model)
     tokenizer = load_tokenizer(SHIPPED_MODEL)
     trained = model.cfg.max_position_embeddings
-    prefix, context, suffix, key = passkey.make_sample(random.Random(args.seed), 8 * trained)
+    prefix, context, suffix, key = passkey.make_sample(random.Random(args.seed), 8 * trained - ANSWER_ROOM)
     parts = (
         tokenizer.encode(prefix, bos=True),
         tokenizer.encode(context, bos=False),
@@ -203,7 +204,9 @@ def passkey_demo(args) -> int:
     )
     total = sum(map(len, parts))
     progress(f"passkey demo: shipped model (trained context {trained}), prompt {total} tokens = {total / trained:.1f}x")
-    M = args.max_chunk_len or trained // 2
+    # The demo uses the M its model card measures with (as `eval passkey` does): the trained context less the answer's
+    # room, so that every generated position stays inside the trained range.
+    M = args.max_chunk_len or trained - ANSWER_ROOM
     new_tokens = args.max_new_tokens if args.max_new_tokens != 100 else 2 * passkey.PASSKEY_DIGITS
     cache = run_homer(model, args, M, *parts, SHIPPED_MODEL)
     answer = tokenizer.decode(homer_generate(model, cache, new_tokens, temperature=args.temperature, seed=args.seed))

@@ -1,0 +1,120 @@
+"""The passkey-retrieval task: this project's own synthetic data, used by training, `eval` and `generate`.
+
+A sample is a long haystack of filler sentences with one passkey sentence hidden at a chosen depth, followed by
+the question; the model must answer with the 5-digit passkey (HOMER_SPEC.md J, the paper's passkey task).
+HOMER gets the three parts separately (HOMER_SPEC.md A): prefix = BOS (+ `INSTRUCTION` when asked for),
+context = the haystack, suffix = the question.
+
+    [BOS] [instruction] | filler ... The pass key is 48219 . Do not forget 48219 . filler ... | What is ... is
+
+Everything here is pure and seeded: a `random.Random` goes in, the same text comes out. The filler sentences and
+the word list are this project's own. Text is written word by word with spaces around punctuation, and the
+shipped tokenizer (trained by `scripts/train_passkey_model.py`) turns every word into one token and every digit
+into one token, so `count_tokens` knows a text's length without a tokenizer.
+"""
+
+import random
+import re
+
+FILLER = (
+    "The river runs past the old mill .",
+    "A red boat waits by the stone bridge .",
+    "Bread is baked in the morning before the market opens .",
+    "The lamp in the tall window stays lit all night .",
+    "Birds sing on the roof of the barn at dawn .",
+    "A cold wind comes down from the hills in the evening .",
+    "The road turns left after the old bridge .",
+    "Snow covers the fields and the quiet town .",
+)
+INSTRUCTION = "Find the pass key in the text and remember it ."
+QUESTION = "What is the pass key ? The pass key is"
+PASSKEY_DIGITS = 5
+
+
+def passkey_sentence(passkey: int) -> str:
+    return f"The pass key is {passkey} . Do not forget {passkey} ."
+
+
+def vocabulary() -> list[str]:
+    """Every word the task uses (digits excluded), sorted: the tokenizer must give each one a single token."""
+    words = {w for text in (*FILLER, INSTRUCTION, QUESTION, passkey_sentence(0)) for w in text.split()}
+    return sorted(w for w in words if not w.isdigit())
+
+
+def count_tokens(text: str) -> int:
+    """Tokens of `text` under the shipped tokenizer (no BOS): one per word, and a number is '▁' + one per digit."""
+    return sum(len(w) + 1 if w.isdigit() else 1 for w in text.split())
+
+
+def random_passkey(rng: random.Random) -> int:
+    return rng.randrange(10 ** (PASSKEY_DIGITS - 1), 10**PASSKEY_DIGITS)  # no leading zero: "first integer" parses
+
+
+def filler(rng: random.Random, n_tokens: int) -> list[str]:
+    """Random filler sentences totalling exactly `n_tokens` tokens (or as close below as sentence lengths allow).
+
+    Sentences are drawn independently while much room is left; the last few are chosen (in random order) so
+    that the total is exact, which gives every prompt of a length the same token count (batched evaluation).
+    """
+    lengths = sorted({count_tokens(s) for s in FILLER})
+    out, left = [], n_tokens
+    while left > 4 * lengths[-1]:
+        sentence = rng.choice(FILLER)
+        out.append(sentence)
+        left -= count_tokens(sentence)
+    # The rest: fewest sentences summing to the largest reachable total <= left (a small exact-change problem).
+    best: dict[int, list[int]] = {0: []}  # total -> sentence lengths reaching it
+    for total in range(1, left + 1):
+        options = [best[total - n] + [n] for n in lengths if total - n in best]
+        if options:
+            best[total] = min(options, key=len)
+    tail = best[max(best)]
+    rng.shuffle(tail)
+    for n in tail:
+        out.append(rng.choice([s for s in FILLER if count_tokens(s) == n]))
+    return out
+
+
+def make_sample(
+    rng: random.Random, n_tokens_target: int, depth: float | None = None, instruction: bool = False
+) -> tuple[str, str, str, int]:
+    """(prefix_text, context_text, suffix_text, passkey) of a prompt of at most `n_tokens_target` tokens (BOS included).
+
+    `depth` in [0, 1] places the passkey sentence that far into the filler (None: uniformly at random). The
+    prefix text excludes BOS: encode it with bos=True. The prompt is as long as whole sentences allow (within one
+    filler sentence of the target; exact for every target of at least ~60 tokens).
+    """
+    if depth is None:
+        depth = rng.random()
+    if not 0.0 <= depth <= 1.0:
+        raise ValueError(f"depth must be in [0, 1], got {depth}")
+    passkey = random_passkey(rng)
+    prefix = INSTRUCTION if instruction else ""
+    needle = passkey_sentence(passkey)
+    budget = n_tokens_target - 1 - count_tokens(prefix) - count_tokens(needle) - count_tokens(QUESTION)
+    if budget < 0:
+        raise ValueError(f"a passkey prompt needs at least {n_tokens_target - budget} tokens, got {n_tokens_target}")
+    sentences = filler(rng, budget)
+    at = round(depth * len(sentences))
+    context = " ".join(sentences[:at] + [needle] + sentences[at:])
+    return prefix, context, QUESTION, passkey
+
+
+def answer_text(passkey: int) -> str:
+    """What the model is trained to continue the prompt with."""
+    return f" {passkey} ."
+
+
+def score(output_text: str, passkey: int) -> bool:
+    """Correct when the first integer in the output is the passkey (HOMER_SPEC.md H.3)."""
+    match = re.search(r"\d+", output_text)
+    return match is not None and int(match.group()) == passkey
+
+
+def tokenizer_corpus(rng: random.Random, lines: int = 400) -> list[str]:
+    """Lines of text to train the tokenizer on: whole prompts and answers, with random passkeys."""
+    out = []
+    for i in range(lines):
+        prefix, context, suffix, passkey = make_sample(rng, 160, instruction=i % 2 == 0)
+        out.append(" ".join(t for t in (prefix, context, suffix) if t) + answer_text(passkey))
+    return out

@@ -1,0 +1,142 @@
+"""`python -m homer_ref.eval` (homer_ref/eval.py) on tiny random models: the output is well-formed, the protocols
+score what they claim, and the helpers agree with the library.
+
+- passkey and perplexity print one JSON object per line with task, mode, length, trained_context and the metric,
+  for every mode; progress goes to stderr, never stdout.
+- perplexity scores every token of the requested range exactly once in every mode (HOMER_SPEC.md H.2), and a
+  sliding window as long as the document is the plain forward.
+- the batched greedy decoder equals `generate_plain`; the digit tracking through HOMER's trace is consistent
+  with the final cache; bad arguments exit 2 with a one-line error.
+"""
+
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+
+import pytest
+import torch
+from helpers import ROOT
+from safetensors.torch import save_file
+
+from homer_ref import load_model, load_tokenizer
+from homer_ref.calibration import calibrate
+from homer_ref.cli import run_main
+from homer_ref.decoding import generate_plain
+from homer_ref.eval import (
+    DEFAULT_MODEL,
+    PASSKEY_MODES,
+    greedy_batch,
+    main,
+    passkey_prompts,
+    rope_scaled,
+    surviving_context,
+)
+from homer_ref.homer import homer_prefill
+from homer_ref.plan import HomerConfig
+
+TOKENIZER = DEFAULT_MODEL / "tokenizer.model"
+TINY = dict(vocab_size=288, num_hidden_layers=4, max_position_embeddings=64)  # the shipped tokenizer's vocabulary
+
+
+@pytest.fixture
+def tiny(tiny_hf_model, tmp_path):
+    """(model directory, bias file) of a random 4-layer model with a 64-token trained context."""
+    model_dir, _ = tiny_hf_model(**TINY)
+    model = load_model(model_dir)
+    windows = [[random.Random(i).randrange(3, 288) for _ in range(64)] for i in range(4)]
+    bias_path = tmp_path / "bias.safetensors"
+    save_file({"bias": calibrate(model, windows)}, str(bias_path))
+    return model_dir, bias_path
+
+
+def rows_of(capsys) -> list[dict]:
+    captured = capsys.readouterr()
+    rows = [json.loads(line) for line in captured.out.splitlines()]
+    assert rows, captured.err
+    return rows
+
+
+def test_passkey_json_is_well_formed_for_every_mode(tiny, capsys):
+    model_dir, bias = tiny
+    argv = ["passkey", "--model", str(model_dir), "--tokenizer", str(TOKENIZER), "--bias", str(bias)]
+    argv += ["--lengths", "1,2", "--samples", "2", "--json"]
+    assert main(argv) == 0
+    rows = rows_of(capsys)
+    assert [(r["mode"], r["length"]) for r in rows] == [(m, n) for n in (64, 128) for m in PASSKEY_MODES]
+    for row in rows:
+        assert row["task"] == "passkey" and row["trained_context"] == 64 and row["samples"] == 2
+        assert 0.0 <= row["accuracy"] <= 1.0 and row["correct"] == round(2 * row["accuracy"])
+        if row["mode"].startswith("homer"):
+            assert 0.0 <= row["digits_kept"] <= 1.0 and row["max_chunk_len"] == 56  # 64 - the answer room
+
+
+def test_perplexity_scores_every_token_once_in_every_mode(tiny, capsys):
+    model_dir, bias = tiny
+    modes = "plain,linear,dynamic,yarn,sliding,homer,homer-uncalibrated,homer-random"
+    argv = ["perplexity", "--model", str(model_dir), "--length", "4", "--modes", modes, "--json"]
+    assert main(argv + ["--score-from", "100", "--score-to", "230"]) == 0
+    rows = rows_of(capsys)
+    assert [r["mode"] for r in rows] == modes.split(",")
+    for row in rows:
+        assert row["task"] == "perplexity" and row["length"] == 256 and row["trained_context"] == 64
+        assert row["tokens_scored"] == 130 and math.isfinite(row["perplexity"]) and row["perplexity"] > 1
+    by_mode = {r["mode"]: r["perplexity"] for r in rows}
+    assert by_mode["linear"] != by_mode["plain"]
+    # A sliding window as long as the document is the plain forward.
+    assert main(argv[:-3] + ["--modes", "plain,sliding", "--window", "256", "--score-from", "1", "--json"]) == 0
+    plain, sliding = rows_of(capsys)
+    assert sliding["tokens_scored"] == plain["tokens_scored"] == 255
+    assert sliding["perplexity"] == pytest.approx(plain["perplexity"], rel=1e-6)
+
+
+def test_cli_streams_json_on_stdout_and_progress_on_stderr(tiny):
+    model_dir, _ = tiny
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    argv = ["passkey", "--model", str(model_dir), "--tokenizer", str(TOKENIZER), "--lengths", "1", "--samples", "1"]
+    argv += ["--modes", "plain,homer-uncalibrated", "--json"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "homer_ref.eval", *argv], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert [json.loads(line)["mode"] for line in proc.stdout.splitlines()] == ["plain", "homer-uncalibrated"]
+    assert "passkey plain 64" in proc.stderr
+
+
+def test_bad_arguments_exit_2_with_a_one_line_error(tiny, capsys):
+    model_dir, _ = tiny
+    base = ["passkey", "--model", str(model_dir), "--tokenizer", str(TOKENIZER), "--samples", "1"]
+    assert run_main(main, base + ["--modes", "plain,nope"]) == 2
+    assert "unknown mode 'nope'" in capsys.readouterr().err
+    assert run_main(main, base + ["--modes", "homer"]) == 2  # no bias table in a random model's directory
+    assert "homer-uncalibrated" in capsys.readouterr().err
+    assert run_main(main, base + ["--modes", "homer-random", "--lengths", "2", "--max-chunk-len", "12"]) == 2
+    assert "error:" in capsys.readouterr().err
+
+
+def test_greedy_batch_equals_generate_plain(tiny):
+    model = load_model(tiny[0])
+    prompts = passkey_prompts(load_tokenizer(TOKENIZER), 64, 3, seed=5, instruction=False)
+    assert len({len(p.ids) for p in prompts}) == 1
+    batched = greedy_batch(model, [p.ids for p in prompts], 6)
+    assert batched == [generate_plain(model, p.ids, 6) for p in prompts]
+    scaled = rope_scaled(model, "yarn", 4.0)
+    assert scaled.cfg.rope_scaling.factor == 4.0 and rope_scaled(model, "linear", 1.0) is model
+    assert torch.equal(scaled.layers[0].self_attn.q_proj.weight, model.layers[0].self_attn.q_proj.weight)
+
+
+def test_surviving_context_follows_the_trace(tiny):
+    model = load_model(tiny[0])
+    (prompt,) = passkey_prompts(load_tokenizer(TOKENIZER), 128, 1, seed=0, instruction=True)
+    cache = homer_prefill(model, prompt.prefix, prompt.context, prompt.suffix, HomerConfig(48, reduction="random"))
+    assert cache.plan.N == 4
+    kept = surviving_context(cache)
+    assert len(kept) == len(cache.positions) - len(prompt.prefix) - len(prompt.suffix)
+    assert kept == sorted(set(kept)) and 0 <= kept[0] and kept[-1] < len(prompt.context)
+    # Positions of the kept context slots are the leaf-local positions of those context indices.
+    e, P = cache.plan.e, cache.plan.P
+    assert cache.positions[P : P + len(kept)].tolist() == [P + i % e for i in kept]
+    short = homer_prefill(model, prompt.prefix, prompt.context[:20], prompt.suffix, HomerConfig(64))
+    assert surviving_context(short) == list(range(20))  # one leaf, nothing pruned
