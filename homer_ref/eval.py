@@ -48,11 +48,11 @@ import torch.nn.functional as F
 
 from homer_ref import passkey
 from homer_ref.calibration import calibrate_on_context
-from homer_ref.cli import DTYPES, progress, run_main
+from homer_ref.cli import DTYPES, progress, run_main, set_threads_for
 from homer_ref.decoding import decode
 from homer_ref.homer import HomerCache, continuation_logits, homer_generate, homer_prefill
 from homer_ref.llama import Llama, RopeScaling
-from homer_ref.loading import Tokenizer, load_model, load_tokenizer
+from homer_ref.loading import Tokenizer, check_tokenizer, load_model, load_tokenizer
 from homer_ref.plan import HomerConfig
 from homer_ref.trace import load_bias
 
@@ -248,6 +248,8 @@ def run_passkey(args) -> int:
     model_dir = Path(args.model)
     model = load_model(model_dir, dtype=DTYPES[args.dtype])
     tok = load_tokenizer(args.tokenizer or model_dir)
+    check_tokenizer(tok, model.cfg)
+    set_threads_for(model)
     trained = model.cfg.max_position_embeddings
     lengths = parse_list(args.lengths, float, "lengths")
     modes = parse_modes(args.modes, PASSKEY_MODES)
@@ -407,12 +409,14 @@ def perplexity_nll(args, model: Llama, ids: list[int], mode: str, bias, lo: int,
 def run_perplexity(args) -> int:
     model_path = Path(args.model)
     model = load_model(model_path, dtype=DTYPES[args.dtype])
+    set_threads_for(model)
     trained = model.cfg.max_position_embeddings
     modes = parse_modes(args.modes, PERPLEXITY_MODES)
     n = round(args.length * trained)
     tok = None
     if args.tokenizer or (model_path.is_dir() and (model_path / "tokenizer.model").is_file()):
         tok = load_tokenizer(args.tokenizer or model_path)
+        check_tokenizer(tok, model.cfg)
     if args.text is not None:
         if tok is None:
             raise ValueError("--text needs a tokenizer: pass --tokenizer FILE.model")

@@ -442,3 +442,16 @@ def test_a_command_as_a_process_prints_no_traceback(ctx):
                           capture_output=True, text=True, timeout=120)  # fmt: skip
     assert (proc.returncode, proc.stdout) == (2, ""), proc.stderr
     assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("error: ") and "NaN/Inf" in proc.stderr
+
+
+def test_eval_refuses_a_tokenizer_of_another_vocabulary(stories_dir, capsys):
+    """eval checks the tokenizer against the model like generate and calibrate (exit 2, one line)."""
+    from homer_ref.cli import run_main
+    from homer_ref.eval import DEFAULT_MODEL, main
+
+    code = run_main(
+        main, ["passkey", "--lengths", "1", "--samples", "1", "--tokenizer", str(stories_dir / "tok512.model")]
+    )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "vocabulary" in err[0], err
+    assert DEFAULT_MODEL.is_dir()
