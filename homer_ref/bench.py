@@ -181,35 +181,11 @@ def forward_vs_hf(lengths: list[int], repeats: int) -> list[dict]:
     except ImportError:
         progress("bench: transformers is not installed (pip install -e '.[test]'); skipping the HF comparison")
         return []
-    from safetensors.torch import save_file
-
-    from homer_ref.loading import checkpoint_names
+    from homer_ref.loading import save_hf
 
     model = random_model(BENCH)
     with tempfile.TemporaryDirectory() as tmp:
-        state = dict(model.state_dict())
-        save_file(
-            {hf: state[ours].contiguous() for ours, hf in checkpoint_names(BENCH).items()}, f"{tmp}/model.safetensors"
-        )
-        Path(tmp, "config.json").write_text(
-            json.dumps(
-                {
-                    "architectures": ["LlamaForCausalLM"],
-                    "model_type": "llama",
-                    "vocab_size": BENCH.vocab_size,
-                    "hidden_size": BENCH.hidden_size,
-                    "intermediate_size": BENCH.intermediate_size,
-                    "num_hidden_layers": BENCH.num_hidden_layers,
-                    "num_attention_heads": BENCH.num_attention_heads,
-                    "num_key_value_heads": BENCH.num_key_value_heads,
-                    "head_dim": BENCH.head_dim,
-                    "rms_norm_eps": BENCH.rms_norm_eps,
-                    "rope_theta": BENCH.rope_theta,
-                    "max_position_embeddings": 4096,
-                    "tie_word_embeddings": False,
-                }
-            )
-        )
+        save_hf(model, tmp)
         hf = LlamaForCausalLM.from_pretrained(tmp, attn_implementation="sdpa", torch_dtype=torch.float32).eval()
     rows = []
     for n in lengths:

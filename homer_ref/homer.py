@@ -128,6 +128,7 @@ def homer_prefill(
         first, last = node.layers
         k = n - node.target
         node_scores, removed = None, torch.empty(0, dtype=torch.long, device=device)
+        kept = torch.arange(n, device=device)
         for layer in range(first, last):
             h, keys, values, last_logits = model.attend(layer, chunk.h[None], chunk.positions)
             chunk.h = h[0]
@@ -137,10 +138,9 @@ def homer_prefill(
             if layer == last - 1 and k > 0:
                 node_scores = scores(node, layer, last_logits[0], chunk)  # [n]
                 removed = reduction.lowest(node_scores, k)
-                keep = torch.ones(n, dtype=torch.bool, device=device).index_fill(0, removed, False)
-                chunk = keep_slots(chunk, keep.nonzero().squeeze(1))  # propagative refinement (F)
+                kept = torch.ones(n, dtype=torch.bool, device=device).index_fill(0, removed, False).nonzero().squeeze(1)
+                chunk = keep_slots(chunk, kept)  # propagative refinement (F)
             chunk.h = model.feed_forward(layer, chunk.h[None])[0]
-        kept = torch.ones(n, dtype=torch.bool, device=device).index_fill(0, removed, False).nonzero().squeeze(1)
         traces.append(
             NodeTrace(node.level, node.index, node.layers, node.target, input_positions, node_scores, kept, removed)
         )
