@@ -13,6 +13,8 @@ Modes (the paper's baselines, HOMER_SPEC.md J, and its ablation of the pruning c
     homer                HOMER with the calibrated significance (bias table from the model directory or --bias)
     homer-uncalibrated   HOMER without the bias
     homer-random         HOMER pruning random tokens (seeded)
+    homer-no-pruning     (passkey only) a diagnostic, not HOMER: the chunks merge without pruning anything, so a
+                         failure here is caused by the merging (chunk-local lower layers, overlapping positions)
     sliding              (perplexity only) a sliding window of the trained context
 
 Passkey (HOMER_SPEC.md H.3): prompts from `homer_ref.passkey` (BOS | filler with the passkey sentence at a
@@ -59,9 +61,14 @@ from homer_ref.trace import load_bias
 DEFAULT_MODEL = Path(__file__).resolve().parent / "data" / "passkey_model"
 BIAS_FILE = "homer_bias.safetensors"
 ROPE_MODES = ("plain", "linear", "dynamic", "yarn")
-HOMER_MODES = {"homer": "calibrated", "homer-uncalibrated": "uncalibrated", "homer-random": "random"}
+HOMER_MODES = {
+    "homer": "calibrated",
+    "homer-uncalibrated": "uncalibrated",
+    "homer-random": "random",
+    "homer-no-pruning": "none",  # a diagnostic, not HOMER: merging alone, nothing pruned
+}
 PASSKEY_MODES = ROPE_MODES + tuple(HOMER_MODES)
-PERPLEXITY_MODES = ROPE_MODES + ("sliding",) + tuple(HOMER_MODES)
+PERPLEXITY_MODES = ROPE_MODES + ("sliding",) + tuple(m for m in HOMER_MODES if m != "homer-no-pruning")
 ANSWER_TOKENS = 7  # "▁" + 5 digits + "▁." with the shipped tokenizer; the first integer is all that is scored
 ANSWER_ROOM = 8  # tokens a passkey prompt leaves free below `length` for the answer
 

@@ -20,6 +20,10 @@ import math
 from dataclasses import dataclass, field
 
 REDUCTIONS = ("calibrated", "uncalibrated", "random")
+# Not HOMER: "none" merges without pruning anything (chunks grow past M, the final cache holds every token).
+# A diagnostic only (`eval passkey --modes homer-no-pruning`): it separates what merging costs from what pruning
+# costs. The memory estimates and `Plan.final_len` do not apply to it.
+DIAGNOSTIC_REDUCTIONS = ("none",)
 
 
 @dataclass(frozen=True)
@@ -27,7 +31,7 @@ class HomerConfig:
     max_chunk_len: int  # M: the longest chunk, prefix and suffix included
     target_len: int | None = None  # T: length of the final cache; None means T = M (the official default)
     warmup_layers: int = 0  # W: layers that only the leaves run before any merging
-    reduction: str = "calibrated"  # calibrated | uncalibrated | random (the paper's ablation modes)
+    reduction: str = "calibrated"  # calibrated | uncalibrated | random (the paper's ablation modes) | none
     seed: int = 0  # for reduction="random"
 
 
@@ -135,7 +139,7 @@ def check_config(L: int, config: HomerConfig, P: int, C: int, S: int) -> None:
             raise ValueError(f"{name} must be an integer, got {value!r}")
     if W < 0 or C < 0 or P < 0 or S < 0:
         raise ValueError(f"warmup_layers and the prefix/context/suffix lengths must be >= 0 (W={W}, P={P}, C={C})")
-    if config.reduction not in REDUCTIONS:
+    if config.reduction not in REDUCTIONS + DIAGNOSTIC_REDUCTIONS:
         raise ValueError(f"reduction must be one of {', '.join(REDUCTIONS)}, got {config.reduction!r}")
     if S == 0:
         raise ValueError(

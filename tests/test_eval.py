@@ -71,6 +71,8 @@ def test_passkey_json_is_well_formed_for_every_mode(tiny, capsys):
         assert 0.0 <= row["accuracy"] <= 1.0 and row["correct"] == round(2 * row["accuracy"])
         if row["mode"].startswith("homer"):
             assert 0.0 <= row["digits_kept"] <= 1.0 and row["max_chunk_len"] == 56  # 64 - the answer room
+        if row["mode"] == "homer-no-pruning":  # the diagnostic removes nothing: every digit survives
+            assert row["digits_kept"] == 1.0 and row["copy_kept"] == 1.0
 
 
 def test_perplexity_scores_every_token_once_in_every_mode(tiny, capsys):

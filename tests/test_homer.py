@@ -555,3 +555,33 @@ def test_continuation_after_a_tree_matches_numpy(pool, name):
         logits = np_continue(config, weights, ref["keys"], ref["values"], last + 1, chain)
         chain.append(int(np.argmax(logits[-1])))
     assert generated == chain
+
+
+# ----------------------------------------------------------------------------------------------- no-pruning diagnostic
+
+
+def test_no_pruning_diagnostic_keeps_every_token_and_runs_the_leaves_alone():
+    """reduction="none" (eval's homer-no-pruning, not HOMER): the tree merges with nothing removed, so every layer
+    of the final cache holds all P+C+S tokens, the context in input order; at a leaf's last layer its context
+    slots hold exactly what a plain forward of prefix + that leaf's context alone computes (causal: the suffix
+    comes after them), i.e. the lower layers stay chunk-local."""
+    L, P, C, S, M = 4, 2, 20, 2, 10  # E = 6: 4 leaves of 5 context tokens, tree height 2
+    model = tiny_llama(L=L, V=40, D=16, Hq=4, Hkv=2, seed=3)
+    rng = np.random.default_rng(3)
+    prefix, context, suffix = random_ids(rng, 40, P), random_ids(rng, 40, C), random_ids(rng, 40, S)
+    cache = homer_prefill(model, prefix, context, suffix, HomerConfig(M, reduction="none"))
+    assert all(k.shape[1] == P + C + S for k in cache.keys + cache.values)
+    assert all(t.removed.numel() == 0 for t in cache.nodes)
+    leaves = [t for t in cache.nodes if t.level == 0]
+    assert len(leaves) == 4
+    for t in leaves:
+        first, last = t.layers
+        ctx = context[5 * t.index : 5 * t.index + 5]
+        _, plain = model.forward_cached(torch.tensor([prefix + ctx]))  # positions 0 .. P+4
+        slots = slice(P + 5 * t.index, P + 5 * t.index + 5)  # nothing removed: the leaf's slots in input order
+        assert_close(cache.keys[last - 1][:, slots], plain[last - 1][0][0, :, P:], "oracle_float64")
+        assert_close(cache.values[last - 1][:, slots], plain[last - 1][1][0, :, P:], "oracle_float64")
+        assert cache.positions[slots].tolist() == list(range(P, P + 5))
+    # With pruning the same tree ends at the target.
+    pruned = homer_prefill(model, prefix, context, suffix, HomerConfig(M, reduction="uncalibrated"))
+    assert pruned.keys[0].shape[1] == M
