@@ -16,6 +16,10 @@ Why the model looks the way it does (measured on a throwaway prototype; see the 
   That teaches the token to gather the whole passkey at every layer, as a real LLM's answer position does. The
   heads are thrown away: the shipped model is the plain LM. (With the final-state head alone the digits still
   ranked low at the middle layers and HOMER reached 20% at 4x; see the model card.)
+- With those heads alone the digits still ranked low at layers 4-7 (the passkey had been copied into
+  neighbouring tokens, which satisfied the heads) and HOMER reached 71.5% at 8x. So a selection loss acts on
+  the ranking itself: at every layer, the last prompt token's head-max pre-softmax logit should put the digit
+  tokens first among the context tokens (a cross-entropy over the context).
 - 8 heads, so that the max over heads covers every digit at every reduction layer.
 HOMER stays training-free: nothing here sees HOMER's intermediate states.
 
@@ -41,8 +45,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 
 from homer_ref import passkey
 from homer_ref.calibration import calibrate
-from homer_ref.llama import Llama, LlamaConfig
-from homer_ref.loading import checkpoint_names, load_tokenizer
+from homer_ref.llama import Llama, LlamaConfig, apply_rope, rope_cos_sin
+from homer_ref.loading import checkpoint_names, hf_config_dict, load_model, load_tokenizer
 
 TRAINED_CONTEXT = 256
 ANSWER_ROOM = 8  # tokens kept free after a prompt for the answer ("▁" + 5 digits + " ." + EOS)
@@ -63,30 +67,42 @@ HISTORY_ROWS = [  # (run, change, result): how the recipe was found; all seed 0 
         "0% at M=128; `--explain`: lost digits ranked 140-246 of 255 at the reductions of layers 3 and 5",
     ),
     (
-        "e (shipped)",
+        "e",
         "+ one auxiliary head per layer on that layer's attention output at the last prompt token",
         "step 1,000, 20 samples, uncalibrated, M=256: HOMER 100% at 4x, 70% at 8x, 75% at 16x (M=128: 45% at 8x); "
-        "step 2,000: the table above",
+        "step 2,000, 200 samples, M=248: HOMER 100% at 4x, 71.5% at 8x, 74.0% at 16x (YaRN 86.0% at 8x); "
+        "digit ranks: the first table below",
+    ),
+    (
+        "f (shipped)",
+        "+ a selection loss (weight 0.5): at every layer the last prompt token's head-max attention logit ranks "
+        "the 10 digit tokens first among the context tokens (cross-entropy over the context)",
+        "the tables above: digits in the top 4% at every layer and a complete copy kept in every sample; the "
+        "failures left read the kept digits in the wrong order, and merging without pruning fails as often",
+    ),
+    ("g", "f with a hinge form (digits above the context's 90% quantile + 1)", "diverged by step 500; stopped"),
+    (
+        "h",
+        "f with weight 0.05",
+        "digits in the top 4% at every layer, yet HOMER 75% at 4x, 37% at 8x (100 samples): it answers "
+        "'is is is' once 'pass' is pruned (its reading matches the question's 'pass key is' in the context)",
+    ),
+    (
+        "j",
+        "f with the whole passkey sentence (21 tokens: the digits and the words around them) as the target",
+        "step 1,000, 50 samples, uncalibrated: HOMER 96% at 4x, 86% at 8x; step 2,000, 100 samples: 86% at 4x, "
+        "79% at 8x, a complete copy kept in every sample (reading failures again)",
     ),
 ]
-DIAGNOSIS = """Why HOMER stops at ~72% at 8x (measured on the shipped weights). Inside the trained context, the rank
-of the passkey's digit tokens under the last prompt token's head-max logit (HOMER's significance), as a fraction of the
-context (0 = most significant; 40 prompts of 248 tokens; mean over digits / worst digit):
-
-| layer | 0 | 1 | 2 | 3 | 4 | 5 | 6 | 7 |
+# `--ranks-of` on run e's weights (shipped at git b3fe3d5), kept for the card's comparison.
+RUN_E_RANKS = """| layer | 0 | 1 | 2 | 3 | 4 | 5 | 6 | 7 |
 |---|---|---|---|---|---|---|---|---|
-| mean | 0.021 | 0.019 | 0.019 | 0.022 | 0.169 | 0.043 | 0.088 | 0.251 |
-| worst | 0.042 | 0.038 | 0.039 | 0.057 | 0.526 | 0.151 | 0.439 | 0.682 |
-
-Layers 0-3 rank every digit near the top; layers 4, 6 and 7 do not, because by then the passkey has been copied
-into neighbouring tokens and the per-layer auxiliary heads (which read attention *outputs*) are satisfied by
-those. At 4x the tree prunes at layers 1, 3, 5, 7 (100%); at 8x it prunes at layers 3, 4, 5, 6, 7 and
-`--explain` shows the lost digits at the layer-4 reductions (ranks 130-240 of 247, 129 kept). Calibration changes
-nothing here: the distance bias cannot fix a content ranking.
-"""
+| mean | 0.021 | 0.020 | 0.020 | 0.023 | 0.168 | 0.048 | 0.095 | 0.256 |
+| worst | 0.049 | 0.040 | 0.051 | 0.101 | 0.987 | 0.523 | 0.810 | 0.996 |"""
 
 
-def history() -> str:
+def history(ranks: str) -> str:
+    """How the recipe was found, and where the digits rank in run e and in the shipped model (`ranks`)."""
     lines = ["## How this recipe was found", "| run | change | result |", "|---|---|---|"]
     lines += [f"| {run} | {change} | {result} |" for run, change, result in HISTORY_ROWS]
     lines += [
@@ -95,7 +111,31 @@ def history() -> str:
         "per tree node, how many passkey digits came in, how many were kept, and the significance rank of each lost",
         "one.",
         "",
-        DIAGNOSIS,
+        "Where the passkey's digit tokens rank among the context tokens under the last prompt token's head-max logit",
+        "(HOMER's uncalibrated significance), as a fraction of the context (0 = most significant; 40 prompts of 248",
+        "tokens; mean over digits / worst digit), printed by `python scripts/train_passkey_model.py --ranks-of DIR`.",
+        "Run e:",
+        "",
+        RUN_E_RANKS,
+        "",
+        "In run e, layers 0-3 rank every digit near the top; layers 4, 6 and 7 do not, because by then the passkey",
+        "has been copied into neighbouring tokens and the per-layer auxiliary heads (which read attention *outputs*)",
+        "are satisfied by those. At 4x the tree prunes at layers 1, 3, 5, 7 (100%); at 8x it prunes at layers 3-7,",
+        "and `--explain` showed the lost digits at the layer-4 reductions (ranks 130-240 of 247, 129 kept).",
+        "Calibration changed nothing: the distance bias cannot fix a content ranking. Run f adds a loss on exactly",
+        "that ranking (on the plain model's own attention over its training prompts; HOMER is not involved).",
+        "The shipped model (run f):",
+        "",
+        ranks,
+        "",
+        "With the ranking fixed, pruning no longer loses the passkey (`copy_kept` is 100% at every length), and",
+        "the `homer-no-pruning` row (a diagnostic, not HOMER: the same tree merging every token) fails about as",
+        "often as HOMER: what is left is a reading failure caused by the merging itself, not by the pruning. The",
+        "failed answers are the right digits in the wrong order (e.g. 20533 read as 20053, 46048 as 46084). Two",
+        "things still differ from the plain prompt once nothing is pruned: the lower layers are chunk-local, and",
+        "the chunks' position ids overlap (HOMER_SPEC.md E.3); which of them this model trips on is not isolated.",
+        "Runs h and j show that this reading varies a lot between trainings of similar recipes.",
+        "",
     ]
     return "\n".join(lines)
 
@@ -139,32 +179,48 @@ def train_tokenizer(seed: int) -> bytes:
 # ----------------------------------------------------------------------------------------------- data
 
 
-def encode_sample(tok, rng: random.Random, n_tokens: int) -> tuple[list[int], int, list[int]]:
-    """(ids of prompt + answer + EOS, index of the last prompt token, the 5 digit ids of the passkey)."""
+def encode_sample(tok, rng: random.Random, n_tokens: int):
+    """(ids of prompt + answer + EOS, index of the last prompt token, the 5 digit ids of the passkey,
+    the context's span [start, end) in the ids (the tokens HOMER may prune), the passkey sentence's span)."""
     prefix, context, suffix, key = passkey.make_sample(rng, n_tokens, instruction=rng.random() < 0.5)
-    prompt = tok.encode(prefix, bos=True) + tok.encode(context, bos=False) + tok.encode(suffix, bos=False)
+    head, body = tok.encode(prefix, bos=True), tok.encode(context, bos=False)
+    prompt = head + body + tok.encode(suffix, bos=False)
     answer = tok.encode(passkey.answer_text(key), bos=False)
     digits = tok.encode(str(key), bos=False)[1:]  # drop the leading "▁"
     assert len(digits) == passkey.PASSKEY_DIGITS and answer[1:6] == digits, (answer, digits)
     assert len(prompt) == 1 + sum(map(passkey.count_tokens, (prefix, context, suffix))), "count_tokens is off"
-    return prompt + answer + [tok.eos_id], len(prompt) - 1, digits
+    needle = tok.encode(passkey.passkey_sentence(key), bos=False)
+    at = next(i for i in range(len(body)) if body[i : i + len(needle)] == needle) + len(head)
+    return (
+        prompt + answer + [tok.eos_id],
+        len(prompt) - 1,
+        digits,
+        (len(head), len(head) + len(body)),
+        (at, at + len(needle)),
+    )
 
 
 def make_batch(tok, rng: random.Random, batch: int, n_tokens: int, pad_id: int):
-    """tokens [B, T], loss weights [B, T-1] (0 on padding), last-prompt index [B], digit ids [B, 5].
+    """tokens [B, T], loss weights [B, T-1] (0 on padding), last-prompt index [B], digit ids [B, 5],
+    context mask [B, T] (True on the context: the tokens HOMER may prune), needle mask [B, T] (True on the
+    passkey sentence).
 
     Every prompt of a batch targets the same length (they differ by less than one sentence: little padding).
     """
     samples = [encode_sample(tok, rng, n_tokens) for _ in range(batch)]
-    T = max(len(ids) for ids, _, _ in samples)
+    T = max(len(s[0]) for s in samples)
     tokens = torch.full((batch, T), pad_id, dtype=torch.long)
     valid = torch.zeros(batch, T - 1)
-    for b, (ids, _, _) in enumerate(samples):
+    context = torch.zeros(batch, T, dtype=torch.bool)
+    needle = torch.zeros(batch, T, dtype=torch.bool)
+    for b, (ids, _, _, (start, end), (n0, n1)) in enumerate(samples):
         tokens[b, : len(ids)] = torch.tensor(ids)
         valid[b, : len(ids) - 1] = 1.0
-    last = torch.tensor([i for _, i, _ in samples])
-    digits = torch.tensor([d for _, _, d in samples])
-    return tokens, valid, last, digits
+        context[b, start:end] = True
+        needle[b, n0:n1] = True
+    last = torch.tensor([s[1] for s in samples])
+    digits = torch.tensor([s[2] for s in samples])
+    return tokens, valid, last, digits, context, needle
 
 
 # ----------------------------------------------------------------------------------------------- model
@@ -185,23 +241,43 @@ def model_config() -> LlamaConfig:
     )
 
 
+def last_query_logits(model: Llama, layer: int, h: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+    """[B, T]: max over heads of the last prompt token's scaled pre-softmax logits against every key (RoPE
+    applied), the quantity HOMER ranks tokens by (uncalibrated; `homer_ref.reduction.significance`)."""
+    cfg, blk = model.cfg, model.layers[layer]
+    B, T, _ = h.shape
+    Hq, Hkv, Dh = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    rows = torch.arange(B)
+    x = blk.input_layernorm(h)
+    q = blk.self_attn.q_proj(x[rows, last]).view(B, Hq, 1, Dh)  # [B, Hq, 1, Dh]
+    k = blk.self_attn.k_proj(x).view(B, T, Hkv, Dh).transpose(1, 2)  # [B, Hkv, T, Dh]
+    cos, sin = rope_cos_sin(cfg, torch.arange(T), q.dtype)  # [T, Dh]
+    q = apply_rope(q, cos[last][:, None, None], sin[last][:, None, None])
+    k = apply_rope(k, cos, sin).repeat_interleave(Hq // Hkv, dim=1)  # [B, Hq, T, Dh]
+    return ((k @ q.transpose(-1, -2)).squeeze(-1) / math.sqrt(Dh)).amax(dim=1)  # [B, T]
+
+
 def forward_with_taps(model: Llama, tokens: torch.Tensor, last: torch.Tensor):
-    """Final normed hidden states [B, T, D], and per layer what attention added at the last prompt token [B, D]."""
+    """Final normed hidden states [B, T, D]; per layer what attention added at the last prompt token [B, D] and
+    that token's head-max attention logits [B, T]."""
     positions = torch.arange(tokens.shape[1])
     rows = torch.arange(tokens.shape[0])
     h = model.embed_tokens(tokens)
-    taps = []
+    taps, scores = [], []
     for layer in range(model.cfg.num_hidden_layers):
+        scores.append(last_query_logits(model, layer, h, last))
         after = model.attend(layer, h, positions)[0]
         taps.append((after - h)[rows, last])  # this layer's attention output at the last prompt token
         h = model.feed_forward(layer, after)
-    return model.norm(h), taps
+    return model.norm(h), taps, scores
 
 
-def losses(model: Llama, aux: torch.nn.ModuleList, batch, digit_ids: torch.Tensor) -> dict[str, torch.Tensor]:
-    tokens, valid, last, digits = batch
+def losses(
+    model: Llama, aux: torch.nn.ModuleList, batch, digit_ids: torch.Tensor, select_target: str = "digits"
+) -> dict[str, torch.Tensor]:
+    tokens, valid, last, digits, context, needle = batch
     B = tokens.shape[0]
-    hn, taps = forward_with_taps(model, tokens, last)  # [B, T, D], L x [B, D]
+    hn, taps, scores = forward_with_taps(model, tokens, last)  # [B, T, D], L x [B, D], L x [B, T]
     logits = model.lm_head(hn[:, :-1])  # [B, T-1, V]
     nll = F.cross_entropy(logits.transpose(1, 2), tokens[:, 1:], reduction="none")  # [B, T-1]
     lm = (nll * valid).sum() / valid.sum()
@@ -217,41 +293,56 @@ def losses(model: Llama, aux: torch.nn.ModuleList, batch, digit_ids: torch.Tenso
         F.cross_entropy(head(x).view(B, passkey.PASSKEY_DIGITS, 10).transpose(1, 2), target)
         for head, x in zip(aux, features)
     ) / len(features)
+    # Selection: at every layer, the last prompt token's head-max logit (HOMER's significance) should rank the
+    # target tokens first among the context tokens: cross-entropy of a softmax over the context, averaged over
+    # the targets. Target "digits": the passkey's 10 digit tokens (both copies; shipped); "sentence": the whole
+    # passkey sentence (run j). It shapes the plain model's attention only; no HOMER state.
+    wanted = needle if select_target == "sentence" else context & (tokens[..., None] == digit_ids).any(-1)  # [B, T]
+    select = 0.0
+    for score in scores:
+        logp = torch.log_softmax(score.masked_fill(~context, float("-inf")), dim=-1)  # [B, T]
+        select = select - (logp.masked_fill(~wanted, 0.0).sum(-1) / wanted.sum(-1)).mean()
+    select = select / len(scores)
     exact = (logits[rows, answer_pos].argmax(-1) == tokens[rows, answer_pos + 1]).all(-1).float().mean()
-    return {"lm": lm, "answer": answer, "aux": aux_loss, "exact": exact}
+    return {"lm": lm, "answer": answer, "aux": aux_loss, "select": select, "exact": exact}
+
+
+def digit_ranks(model: Llama, tok, samples: int = 40, seed: int = 99) -> str:
+    """Markdown table: per layer, where the passkey's digit tokens rank among the context tokens under the last
+    prompt token's head-max logit (HOMER's uncalibrated significance), as a fraction of the context (0 = most
+    significant); mean over digits and worst digit, over `samples` prompts filling the trained context."""
+    rng = random.Random(seed)
+    digit_ids = torch.tensor([tok.sp.piece_to_id(str(d)) for d in range(10)])
+    mean, worst = [[] for _ in range(model.cfg.num_hidden_layers)], [0.0] * model.cfg.num_hidden_layers
+    with torch.no_grad():
+        for _ in range(samples):
+            tokens, _, last, _, context, _ = make_batch(tok, rng, 1, TRAINED_CONTEXT - ANSWER_ROOM, tok.eos_id)
+            _, _, scores = forward_with_taps(model, tokens, last)
+            is_digit = (context & (tokens[..., None] == digit_ids).any(-1))[0]
+            for layer, score in enumerate(scores):
+                ctx = score[0].masked_fill(~context[0], float("-inf"))
+                rank = torch.argsort(torch.argsort(ctx, descending=True))  # rank of every slot, 0 = highest
+                frac = rank[is_digit].double() / int(context[0].sum())
+                mean[layer] += frac.tolist()
+                worst[layer] = max(worst[layer], float(frac.max()))
+    layers = range(model.cfg.num_hidden_layers)
+    return "\n".join(
+        [
+            "| layer | " + " | ".join(str(i) for i in layers) + " |",
+            "|---|" + "---|" * len(layers),
+            "| mean | " + " | ".join(f"{sum(m) / len(m):.3f}" for m in mean) + " |",
+            "| worst | " + " | ".join(f"{w:.3f}" for w in worst) + " |",
+        ]
+    )
 
 
 # ----------------------------------------------------------------------------------------------- saving
 
 
-def hf_config(cfg: LlamaConfig) -> dict:
-    return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "vocab_size": cfg.vocab_size,
-        "hidden_size": cfg.hidden_size,
-        "intermediate_size": cfg.intermediate_size,
-        "num_hidden_layers": cfg.num_hidden_layers,
-        "num_attention_heads": cfg.num_attention_heads,
-        "num_key_value_heads": cfg.num_key_value_heads,
-        "head_dim": cfg.head_dim,
-        "hidden_act": "silu",
-        "max_position_embeddings": cfg.max_position_embeddings,
-        "rms_norm_eps": cfg.rms_norm_eps,
-        "rope_theta": cfg.rope_theta,
-        "rope_scaling": None,
-        "attention_bias": False,
-        "mlp_bias": False,
-        "tie_word_embeddings": cfg.tie_word_embeddings,
-        "bos_token_id": 1,
-        "eos_token_id": 2,
-        "torch_dtype": "float16",
-    }
-
-
 def save_model(model: Llama, out: Path, tokenizer_proto: bytes, meta: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(hf_config(model.cfg), indent=2) + "\n")
+    config = hf_config_dict(model.cfg) | {"bos_token_id": 1, "eos_token_id": 2, "torch_dtype": "float16"}
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     state = model.state_dict()
     tensors = {
         hf: state[ours].detach().to(torch.float16).contiguous() for ours, hf in checkpoint_names(model.cfg).items()
@@ -274,8 +365,6 @@ def calibration_windows(tok, seed: int, count: int, length: int) -> list[list[in
 
 
 def save_bias(out: Path, seed: int) -> None:
-    from homer_ref.loading import load_model
-
     model = load_model(out)  # the float16-rounded weights that ship, loaded as float32
     tok = load_tokenizer(out)
     bias = calibrate(model, calibration_windows(tok, seed + 1, BIAS_WINDOWS, TRAINED_CONTEXT))
@@ -328,7 +417,12 @@ def results_table(rows: list[dict]) -> str:
 
 def targets(rows: list[dict]) -> str:
     """The issue's targets, checked against the measured rows (missing cells say so)."""
-    acc = {(r["mode"], r["length"] // TRAINED_CONTEXT): r["accuracy"] for r in rows if r["task"] == "passkey"}
+    default_m = TRAINED_CONTEXT - ANSWER_ROOM  # the targets are checked at eval's default M (other M: extra rows)
+    acc = {
+        (r["mode"], r["length"] // TRAINED_CONTEXT): r["accuracy"]
+        for r in rows
+        if r["task"] == "passkey" and r.get("max_chunk_len", default_m) == default_m
+    }
 
     def get(mode: str, m: int) -> float | None:
         return acc.get((mode, m))
@@ -390,7 +484,10 @@ jobs). Loss: next-token cross-entropy on every token + the answer digits' cross-
 auxiliary heads: {cfg["num_hidden_layers"] + 1} linear heads, each predicting the 5 digits from the last prompt \
 token, one reading its final hidden state and one per layer reading what that layer's attention added to it
 (discarded, not shipped: inference is the plain LM). They teach the question's last token to gather the whole
-passkey at every layer, which is what HOMER's pruning ranks by. HOMER itself is never involved in training.
+passkey at every layer. Then a selection loss (weight {meta["select_weight"]}): at every layer, a cross-entropy
+that makes the last prompt token's head-max pre-softmax attention logit, the score HOMER prunes by, rank the
+passkey's digit tokens first among the context tokens. Both act on the plain model's own forward pass over its
+training prompts; HOMER itself is never involved in training.
 Final training losses (running means): \
 {", ".join(f"{k} {v:.4f}" for k, v in meta["final"].items())}.
 The data, tokenizer and initialisation are seeded (a test checks that the script rebuilds `tokenizer.model` byte
@@ -410,7 +507,7 @@ Lengths are whole prompts in multiples of the trained context. Commands:
 {results_table(results)}
 ### Targets (issue 4), checked against the table
 {targets(results)}
-{history()}
+{history(digit_ranks(load_model(out), load_tokenizer(out / "tokenizer.model")))}
 ## Files ({total:,} bytes in all)
 | file | bytes | sha256 |
 |---|---:|---|
@@ -432,12 +529,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=100)
     p.add_argument("--min-len", type=int, default=48)
     p.add_argument("--short-fraction", type=float, default=0.5, help="batches drawn from the shorter half of lengths")
+    p.add_argument("--select-weight", type=float, default=0.5, help="weight of the digit-selection loss")
+    p.add_argument("--select-target", choices=("digits", "sentence"), default="digits", help="what to rank first")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--log-every", type=int, default=50)
     p.add_argument("--save-every", type=int, default=10**9, help="also save snapshots to OUT/stepN (debugging)")
     p.add_argument("--card-from", type=Path, help="only rewrite README.md from eval --json lines in this file")
+    p.add_argument("--ranks-of", type=Path, help="only print the digit-rank table of this model directory")
     p.add_argument("--card-command", action="append", default=[], help="an eval command to quote in the card")
     args = p.parse_args(argv)
+    if args.ranks_of is not None:
+        print(digit_ranks(load_model(args.ranks_of), load_tokenizer(args.ranks_of / "tokenizer.model")))
+        return 0
     if args.card_from is not None:
         rows = [json.loads(line) for line in args.card_from.read_text().splitlines() if line.strip()]
         write_card(args.out, rows, args.card_command)
@@ -490,8 +593,8 @@ def main(argv: list[str] | None = None) -> int:
         # Half the batches short (cheap, many retrievals per second of CPU), half over the whole trained context.
         top = args.min_len + (max_len - args.min_len) // 2 if rng.random() < args.short_fraction else max_len
         batch = make_batch(tok, rng, args.batch, rng.randint(args.min_len, top), tok.eos_id)
-        parts = losses(model, aux, batch, digit_ids)
-        loss = parts["lm"] + parts["answer"] + parts["aux"]
+        parts = losses(model, aux, batch, digit_ids, args.select_target)
+        loss = parts["lm"] + parts["answer"] + parts["aux"] + args.select_weight * parts["select"]
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -502,11 +605,13 @@ def main(argv: list[str] | None = None) -> int:
             save_model(model, args.out / f"step{step + 1}", proto, {"step": step + 1})
         if (step + 1) % args.log_every == 0 or step == args.steps - 1:
             with torch.no_grad():
-                val = losses(model, aux, held_out, digit_ids)
+                val = losses(model, aux, held_out, digit_ids, args.select_target)
             elapsed = time.perf_counter() - t0
             log(
                 f"step {step + 1}/{args.steps}  lm {running['lm']:.3f}  answer {running['answer']:.3f}  "
-                f"aux {running['aux']:.3f}  held-out exact {float(val['exact']):.2f} aux {float(val['aux']):.3f}  "
+                f"aux {running['aux']:.3f}  select {running['select']:.3f}  "
+                f"held-out exact {float(val['exact']):.2f} aux {float(val['aux']):.3f} "
+                f"select {float(val['select']):.3f}  "
                 f"lr {lr_at(step):.2e}  {elapsed / 60:.1f} min"
             )
     wall = time.perf_counter() - t0
@@ -523,6 +628,8 @@ def main(argv: list[str] | None = None) -> int:
         "parameters": n_params,
         "wall_minutes": wall / 60,
         "machine": f"torch {torch.__version__}",
+        "select_weight": args.select_weight,
+        "select_target": args.select_target,
         "final": {k: round(v, 4) for k, v in running.items()},
     }
     save_model(model, args.out, proto, meta)

@@ -120,7 +120,7 @@ def test_shipped_model_retrieves_the_passkey_in_context(capsys):
 
 
 def test_homer_finds_the_passkey_where_plain_inference_fails(capsys):
-    """At 4x the trained context (seeded): plain inference fails, calibrated HOMER succeeds (card: 1.5% vs 100%)."""
+    """At 4x the trained context (seeded): plain inference fails, calibrated HOMER succeeds (card: 1.5% vs 94.5%)."""
     argv = ["passkey", "--lengths", "4", "--modes", "plain,homer", "--samples", "12", "--seed", "0", "--json"]
     assert main(argv) == 0
     plain, homer = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
