@@ -292,7 +292,7 @@ def losses(
     aux_loss = sum(
         F.cross_entropy(head(x).view(B, passkey.PASSKEY_DIGITS, 10).transpose(1, 2), target)
         for head, x in zip(aux, features)
-    ) / len(features)
+    ) / len(aux)  # zip: without --layer-heads only the final-state head
     # Selection: at every layer, the last prompt token's head-max logit (HOMER's significance) should rank the
     # target tokens first among the context tokens: cross-entropy of a softmax over the context, averaged over
     # the targets. Target "digits": the passkey's 10 digit tokens (both copies; shipped); "sentence": the whole
@@ -531,6 +531,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--short-fraction", type=float, default=0.5, help="batches drawn from the shorter half of lengths")
     p.add_argument("--select-weight", type=float, default=0.5, help="weight of the digit-selection loss")
     p.add_argument("--select-target", choices=("digits", "sentence"), default="digits", help="what to rank first")
+    p.add_argument(
+        "--layer-heads",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also the per-layer auxiliary heads (on each layer's attention output at the last prompt token)",
+    )
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--log-every", type=int, default=50)
     p.add_argument("--save-every", type=int, default=10**9, help="also save snapshots to OUT/stepN (debugging)")
@@ -565,8 +571,9 @@ def main(argv: list[str] | None = None) -> int:
             if name.endswith(("o_proj.weight", "down_proj.weight")):  # GPT-2 style residual scaling
                 param.mul_(1 / math.sqrt(2 * cfg.num_hidden_layers))
     aux = torch.nn.ModuleList(
-        torch.nn.Linear(cfg.hidden_size, passkey.PASSKEY_DIGITS * 10) for _ in range(cfg.num_hidden_layers + 1)
-    )
+        torch.nn.Linear(cfg.hidden_size, passkey.PASSKEY_DIGITS * 10)
+        for _ in range(1 + (cfg.num_hidden_layers if args.layer_heads else 0))
+    )  # the final-state head, then (with --layer-heads) one per layer; `losses` zips them with the features
     n_params = sum(p.numel() for p in model.parameters())
     log(f"model: {n_params:,} parameters; aux heads {sum(p.numel() for p in aux.parameters()):,} (training only)")
     params = list(model.parameters()) + list(aux.parameters())
@@ -630,6 +637,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": f"torch {torch.__version__}",
         "select_weight": args.select_weight,
         "select_target": args.select_target,
+        "layer_heads": args.layer_heads,
         "final": {k: round(v, 4) for k, v in running.items()},
     }
     save_model(model, args.out, proto, meta)

@@ -127,3 +127,28 @@ def test_homer_finds_the_passkey_where_plain_inference_fails(capsys):
     assert (plain["mode"], homer["mode"], homer["length"]) == ("plain", "homer", 1024)
     assert plain["accuracy"] <= 0.25 and homer["accuracy"] >= 11 / 12, (plain, homer)
     assert homer["copy_kept"] >= 11 / 12  # the trace: a complete copy of the passkey survived the pruning
+
+
+def test_training_selection_score_is_homers_significance():
+    """The training script's selection loss ranks by `last_query_logits`; it must be the score HOMER prunes by:
+    the head-max of `Llama.attend`'s last-query logits (a separate code path) on the prompt cut at its last
+    token, and the batch's masks must mark the context and, inside it, the passkey sentence."""
+    script = training_script()
+    model, tok = load_model(DEFAULT_MODEL), load_tokenizer(DEFAULT_MODEL)
+    tokens, valid, last, digits, context, needle = script.make_batch(tok, random.Random(5), 3, 120, tok.eos_id)
+    h = model.embed_tokens(tokens)
+    with torch.no_grad():
+        for layer in range(2):
+            score = script.last_query_logits(model, layer, h, last)  # [B, T]
+            for b in range(3):
+                n = int(last[b]) + 1
+                expected = model.attend(layer, h[b : b + 1, :n], torch.arange(n))[3][0].amax(0)
+                torch.testing.assert_close(score[b, :n], expected, atol=1e-4, rtol=0)
+            h = model.feed_forward(layer, model.attend(layer, h, torch.arange(tokens.shape[1]))[0])
+    for b in range(3):
+        ids = tokens[b].tolist()
+        sentence = tok.encode(passkey.passkey_sentence(int("".join(tok.piece(d) for d in digits[b]))), bos=False)
+        start = int(needle[b].nonzero()[0])
+        assert ids[start : start + len(sentence)] == sentence and int(needle[b].sum()) == len(sentence)
+        assert bool((context[b] | ~needle[b]).all())  # the sentence lies inside the context
+        assert not context[b, 0] and not context[b, int(last[b])]  # BOS and the question's last token are affixes
