@@ -11,15 +11,13 @@ Why the model looks the way it does (measured on a throwaway prototype; see the 
 - HOMER prunes by the attention logits of the *last prompt token* (HOMER_SPEC.md D.1), at the last layer of
   every tree node, i.e. at almost any layer depending on the input length. A plain LM only needs that token to
   find the first digit (an induction match on "key is"), so the other digits rank low and are pruned. During
-  training only, small linear heads predict all five digits from the last prompt token: from its final hidden
-  state (its LM head predicts the space before the digits) and from what *each layer's attention* added to it.
-  That teaches the token to gather the whole passkey at every layer, as a real LLM's answer position does. The
-  heads are thrown away: the shipped model is the plain LM. (With the final-state head alone the digits still
-  ranked low at the middle layers and HOMER reached 20% at 4x; see the model card.)
-- With those heads alone the digits still ranked low at layers 4-7 (the passkey had been copied into
-  neighbouring tokens, which satisfied the heads) and HOMER reached 71.5% at 8x. So a selection loss acts on
-  the ranking itself: at every layer, the last prompt token's head-max pre-softmax logit should put the digit
-  tokens first among the context tokens (a cross-entropy over the context).
+  training only, a small linear head predicts all five digits from the last prompt token's final hidden state
+  (its LM head predicts the space before the digits), and a selection loss acts on the ranking itself: at every
+  layer, the last prompt token's head-max pre-softmax logit should put the digit tokens first among the context
+  tokens (a cross-entropy over the context). The head is thrown away: the shipped model is the plain LM.
+- Per-layer heads on each layer's attention output (`--layer-heads`, runs e and f) are off: without the
+  selection loss they left the digits ranked low at layers 4-7 (71.5% at 8x); with it they made the model read
+  merged caches worse than without them (run f: YaRN ahead at 8x; run k, shipped: HOMER ahead). See the card.
 - 8 heads, so that the max over heads covers every digit at every reduction layer.
 HOMER stays training-free: nothing here sees HOMER's intermediate states.
 
@@ -74,13 +72,18 @@ HISTORY_ROWS = [  # (run, change, result): how the recipe was found; all seed 0 
         "digit ranks: the first table below",
     ),
     (
-        "f (shipped)",
+        "f (`--layer-heads`)",
         "+ a selection loss (weight 0.5): at every layer the last prompt token's head-max attention logit ranks "
         "the 10 digit tokens first among the context tokens (cross-entropy over the context)",
-        "the tables above: digits in the top 4% at every layer and a complete copy kept in every sample; the "
-        "failures left read the kept digits in the wrong order, and merging without pruning fails as often",
+        "digits in the top 4% at every layer, a complete copy kept in every sample; 200 samples: HOMER 94.5% at "
+        "4x and 8x, 92.0% at 16x (M=128: 87.5% at 8x), merging without pruning 94.0% at 8x; but YaRN 96.5% at 8x, "
+        "dynamic 98.5% at 4x. The failures read the kept digits in the wrong order (20533 as 20053)",
     ),
-    ("g", "f with a hinge form (digits above the context's 90% quantile + 1)", "diverged by step 500; stopped"),
+    (
+        "g",
+        "f with a hinge form (digits above the context's 90% quantile + 1)",
+        "diverged by step 500; stopped (the option was removed)",
+    ),
     (
         "h",
         "f with weight 0.05",
@@ -92,6 +95,11 @@ HISTORY_ROWS = [  # (run, change, result): how the recipe was found; all seed 0 
         "f with the whole passkey sentence (21 tokens: the digits and the words around them) as the target",
         "step 1,000, 50 samples, uncalibrated: HOMER 96% at 4x, 86% at 8x; step 2,000, 100 samples: 86% at 4x, "
         "79% at 8x, a complete copy kept in every sample (reading failures again)",
+    ),
+    (
+        "k (shipped)",
+        "f without the per-layer heads (the final-state head, the answer loss and the selection loss remain)",
+        "step 1,000, 50 samples, uncalibrated: 90% at 4x and 8x; step 2,000: the tables above",
     ),
 ]
 # `--ranks-of` on run e's weights (shipped at git b3fe3d5), kept for the card's comparison.
@@ -122,19 +130,19 @@ def history(ranks: str) -> str:
         "has been copied into neighbouring tokens and the per-layer auxiliary heads (which read attention *outputs*)",
         "are satisfied by those. At 4x the tree prunes at layers 1, 3, 5, 7 (100%); at 8x it prunes at layers 3-7,",
         "and `--explain` showed the lost digits at the layer-4 reductions (ranks 130-240 of 247, 129 kept).",
-        "Calibration changed nothing: the distance bias cannot fix a content ranking. Run f adds a loss on exactly",
+        "Calibration changed nothing: the distance bias cannot fix a content ranking. Runs f-k add a loss on exactly",
         "that ranking (on the plain model's own attention over its training prompts; HOMER is not involved).",
-        "The shipped model (run f):",
+        "The shipped model (run k):",
         "",
         ranks,
         "",
         "With the ranking fixed, pruning no longer loses the passkey (`copy_kept` is 100% at every length), and",
         "the `homer-no-pruning` row (a diagnostic, not HOMER: the same tree merging every token) fails about as",
         "often as HOMER: what is left is a reading failure caused by the merging itself, not by the pruning. The",
-        "failed answers are the right digits in the wrong order (e.g. 20533 read as 20053, 46048 as 46084). Two",
-        "things still differ from the plain prompt once nothing is pruned: the lower layers are chunk-local, and",
-        "the chunks' position ids overlap (HOMER_SPEC.md E.3); which of them this model trips on is not isolated.",
-        "Runs h and j show that this reading varies a lot between trainings of similar recipes.",
+        "failed answers get one or two digits wrong (e.g. 78904 read as 78944, 60024 as 63024). Two things still",
+        "differ from the plain prompt once nothing is pruned: the lower layers are chunk-local, and the chunks'",
+        "position ids overlap (HOMER_SPEC.md E.3); which of them this model trips on is not isolated. Runs f, h, j",
+        "and k show that this reading varies a lot between trainings of similar recipes.",
         "",
     ]
     return "\n".join(lines)
@@ -436,6 +444,11 @@ def targets(rows: list[dict]) -> str:
         ("in context (1×) ≥ 95%", get("plain", 1), lambda v: v >= 0.95),
         ("plain at 8× ≤ 25%", get("plain", 8), lambda v: v <= 0.25),
         ("HOMER at 4× ≥ 90%", get("homer", 4), lambda v: v >= 0.90),
+        (
+            f"HOMER at 4× ≥ plain at 4× + 25 points (plain {pct(get('plain', 4))})",
+            get("homer", 4),
+            lambda v: get("plain", 4) is not None and v >= get("plain", 4) + 0.25,
+        ),
         ("HOMER at 8× ≥ 80%", get("homer", 8), lambda v: v >= 0.80),
         (
             f"HOMER at 8× ahead of every RoPE-scaling baseline (best {pct(best)})",
@@ -459,6 +472,12 @@ def write_card(out: Path, results: list[dict], commands: list[str]) -> None:
         for name in FILES + ("training.json",)
     )
     total = sum((out / name).stat().st_size for name in FILES + ("training.json",))
+    heads = (
+        f"{cfg['num_hidden_layers'] + 1} training-only linear heads predicting the 5 digits from the last prompt "
+        "token, one reading its final hidden state and one per layer reading what that layer's attention added"
+        if meta.get("layer_heads", True)
+        else "a training-only linear head predicting the 5 digits from the last prompt token's final hidden state"
+    )
     cmds = "\n".join(commands) if commands else "python -m homer_ref.eval passkey --samples 200 --json"
     card = f"""# passkey_model — homer_ref's shipped demo model
 
@@ -480,14 +499,11 @@ uniform in [{meta["min_len"]}, {meta["max_len"]}] tokens, passkeys uniform 5-dig
 `{meta["command"]}` — {meta["steps"]} AdamW steps of {meta["batch"]} sequences, learning rate {meta["lr"]} \
 (warm-up {meta["warmup"]}, cosine decay), seed {meta["seed"]}, float32, `torch.set_num_threads({meta["threads"]})`.
 Wall time: **{meta["wall_minutes"]:.1f} min** on {meta["threads"]} CPU cores ({meta["machine"]}, shared with other
-jobs). Loss: next-token cross-entropy on every token + the answer digits' cross-entropy + training-only
-auxiliary heads: {cfg["num_hidden_layers"] + 1} linear heads, each predicting the 5 digits from the last prompt \
-token, one reading its final hidden state and one per layer reading what that layer's attention added to it
-(discarded, not shipped: inference is the plain LM). They teach the question's last token to gather the whole
-passkey at every layer. Then a selection loss (weight {meta["select_weight"]}): at every layer, a cross-entropy
-that makes the last prompt token's head-max pre-softmax attention logit, the score HOMER prunes by, rank the
-passkey's digit tokens first among the context tokens. Both act on the plain model's own forward pass over its
-training prompts; HOMER itself is never involved in training.
+jobs). Loss: next-token cross-entropy on every token + the answer digits' cross-entropy + {heads} (discarded,
+not shipped: inference is the plain LM) + a selection loss (weight {meta["select_weight"]}): at every layer, a
+cross-entropy that makes the last prompt token's head-max pre-softmax attention logit, the score HOMER prunes
+by, rank the passkey's digit tokens first among the context tokens. Both act on the plain model's own forward
+pass over its training prompts; HOMER itself is never involved in training.
 Final training losses (running means): \
 {", ".join(f"{k} {v:.4f}" for k, v in meta["final"].items())}.
 The data, tokenizer and initialisation are seeded (a test checks that the script rebuilds `tokenizer.model` byte
@@ -534,7 +550,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--layer-heads",
         action=argparse.BooleanOptionalAction,
-        default=True,
+        default=False,
         help="also the per-layer auxiliary heads (on each layer's attention output at the last prompt token)",
     )
     p.add_argument("--threads", type=int, default=2)

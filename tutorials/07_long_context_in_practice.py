@@ -50,9 +50,13 @@ print(f"shipped model: {model.cfg.num_hidden_layers} layers, {model.cfg.num_atte
 # The prompt is split the way HOMER needs it (HOMER_SPEC.md A): the **prefix** is BOS (every chunk gets it),
 # the **context** is the long haystack (it gets chunked and pruned), the **suffix** is the question (every chunk
 # gets it too, and its last token is the query whose attention decides what survives).
+#
+# HOMER reads 96% of such prompts (the model card: 200 samples). Seed 0 is one of them; seed 7 is one of the
+# misses (it answers 24772 for 29772: the digits all survive the pruning, one is misread), a good one to inspect
+# with the trace below.
 
 # %%
-prefix, context, suffix, key = passkey.make_sample(random.Random(7), 8 * trained)
+prefix, context, suffix, key = passkey.make_sample(random.Random(0), 8 * trained)
 parts = tok.encode(prefix, bos=True), tok.encode(context, bos=False), tok.encode(suffix, bos=False)
 print(f"prefix {len(parts[0])} tokens, context {len(parts[1])} tokens, suffix {len(parts[2])} tokens: {suffix!r}")
 print("the needle:", context[context.index("The pass key") :][:60], "...")
@@ -60,7 +64,7 @@ print("true passkey:", key)
 
 # %%
 # The official scripts use M = T = trained context / 2; this small model does much better with chunks as long as
-# it was trained on (its card: 87.5% at 8x with M = 128, 94.5% with M = 248), so, like `eval passkey`, we use the
+# it was trained on (its card: 85.5% at 8x with M = 128, 96.0% with M = 248), so, like `eval passkey`, we use the
 # trained context less a few tokens of room for the answer, keeping every generated position inside it.
 M = trained - 8
 config = HomerConfig(max_chunk_len=M, target_len=M, warmup_layers=0, reduction="calibrated")
