@@ -126,7 +126,7 @@ def homer_prefill(
         """The node's block of layers; at its last layer, prune to the target between attention and MLP."""
         input_positions, n = chunk.positions, len(chunk)
         first, last = node.layers
-        k = 0 if config.reduction == "none" else n - node.target  # "none": the no-pruning diagnostic
+        k = n - node.target
         node_scores, removed = None, torch.empty(0, dtype=torch.long, device=device)
         kept = torch.arange(n, device=device)
         for layer in range(first, last):

@@ -20,9 +20,9 @@ import math
 from dataclasses import dataclass, field
 
 REDUCTIONS = ("calibrated", "uncalibrated", "random")
-# Not HOMER: "none" merges without pruning anything (chunks grow past M, the final cache holds every token).
-# A diagnostic only (`eval passkey --modes homer-no-pruning`): it separates what merging costs from what pruning
-# costs. The memory estimates and `Plan.final_len` do not apply to it.
+# Not HOMER: "none" merges without pruning anything: every node's target is its whole input (chunks grow past
+# M, the final cache holds every token). A diagnostic only (`eval passkey --modes homer-no-pruning`): it
+# separates what merging costs from what pruning costs.
 DIAGNOSTIC_REDUCTIONS = ("none",)
 
 
@@ -198,6 +198,8 @@ def plan(num_layers: int, config: HomerConfig, P: int, C: int, S: int) -> Plan:
 
     def place(level: int, index: int, target: int) -> None:
         span = 2**level
+        if config.reduction == "none":  # the no-pruning diagnostic: a node keeps everything its leaves hold
+            target = P + sum(leaf_context[index * span : (index + 1) * span]) + S
         nodes[(level, index)] = Node(level, index, (index * span, (index + 1) * span), layers_of(level), target)
         if level == 0:
             return

@@ -571,6 +571,7 @@ def test_no_pruning_diagnostic_keeps_every_token_and_runs_the_leaves_alone():
     prefix, context, suffix = random_ids(rng, 40, P), random_ids(rng, 40, C), random_ids(rng, 40, S)
     cache = homer_prefill(model, prefix, context, suffix, HomerConfig(M, reduction="none"))
     assert all(k.shape[1] == P + C + S for k in cache.keys + cache.values)
+    assert cache.plan.final_len == P + C + S  # the plan knows it: every node's target is its whole input
     assert all(t.removed.numel() == 0 for t in cache.nodes)
     leaves = [t for t in cache.nodes if t.level == 0]
     assert len(leaves) == 4
