@@ -249,19 +249,25 @@ def model_config() -> LlamaConfig:
     )
 
 
-def last_query_logits(model: Llama, layer: int, h: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+def digit_mask(tokens: torch.Tensor, context: torch.Tensor, digit_ids: torch.Tensor) -> torch.Tensor:
+    """[B, T] bool: the context's digit tokens, i.e. the passkey's two copies (the filler has no digits)."""
+    return context & (tokens[..., None] == digit_ids).any(-1)
+
+
+def last_query_logits(model: Llama, layer: int, h: torch.Tensor, k: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
     """[B, T]: max over heads of the last prompt token's scaled pre-softmax logits against every key (RoPE
-    applied), the quantity HOMER ranks tokens by (uncalibrated; `homer_ref.reduction.significance`)."""
+    applied), the quantity HOMER ranks tokens by (uncalibrated; `homer_ref.reduction.significance`).
+
+    h [B, T, D] is the layer's input and k [B, Hkv, T, Dh] the keys `Llama.attend` computed from it; only the
+    query of the last prompt token (not the sequence's last token: the answer follows) is computed here."""
     cfg, blk = model.cfg, model.layers[layer]
     B, T, _ = h.shape
     Hq, Hkv, Dh = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-    rows = torch.arange(B)
-    x = blk.input_layernorm(h)
-    q = blk.self_attn.q_proj(x[rows, last]).view(B, Hq, 1, Dh)  # [B, Hq, 1, Dh]
-    k = blk.self_attn.k_proj(x).view(B, T, Hkv, Dh).transpose(1, 2)  # [B, Hkv, T, Dh]
-    cos, sin = rope_cos_sin(cfg, torch.arange(T), q.dtype)  # [T, Dh]
-    q = apply_rope(q, cos[last][:, None, None], sin[last][:, None, None])
-    k = apply_rope(k, cos, sin).repeat_interleave(Hq // Hkv, dim=1)  # [B, Hq, T, Dh]
+    x = blk.input_layernorm(h[torch.arange(B), last])  # [B, D]
+    q = blk.self_attn.q_proj(x).view(B, Hq, 1, Dh)  # [B, Hq, 1, Dh]
+    cos, sin = rope_cos_sin(cfg, last, q.dtype)  # [B, Dh]
+    q = apply_rope(q, cos[:, None, None], sin[:, None, None])
+    k = k.repeat_interleave(Hq // Hkv, dim=1)  # [B, Hq, T, Dh]
     return ((k @ q.transpose(-1, -2)).squeeze(-1) / math.sqrt(Dh)).amax(dim=1)  # [B, T]
 
 
@@ -273,8 +279,8 @@ def forward_with_taps(model: Llama, tokens: torch.Tensor, last: torch.Tensor):
     h = model.embed_tokens(tokens)
     taps, scores = [], []
     for layer in range(model.cfg.num_hidden_layers):
-        scores.append(last_query_logits(model, layer, h, last))
-        after = model.attend(layer, h, positions)[0]
+        after, k, _, _ = model.attend(layer, h, positions)
+        scores.append(last_query_logits(model, layer, h, k, last))
         taps.append((after - h)[rows, last])  # this layer's attention output at the last prompt token
         h = model.feed_forward(layer, after)
     return model.norm(h), taps, scores
@@ -305,7 +311,7 @@ def losses(
     # target tokens first among the context tokens: cross-entropy of a softmax over the context, averaged over
     # the targets. Target "digits": the passkey's 10 digit tokens (both copies; shipped); "sentence": the whole
     # passkey sentence (run j). It shapes the plain model's attention only; no HOMER state.
-    wanted = needle if select_target == "sentence" else context & (tokens[..., None] == digit_ids).any(-1)  # [B, T]
+    wanted = needle if select_target == "sentence" else digit_mask(tokens, context, digit_ids)  # [B, T]
     select = 0.0
     for score in scores:
         logp = torch.log_softmax(score.masked_fill(~context, float("-inf")), dim=-1)  # [B, T]
@@ -326,7 +332,7 @@ def digit_ranks(model: Llama, tok, samples: int = 40, seed: int = 99) -> str:
         for _ in range(samples):
             tokens, _, last, _, context, _ = make_batch(tok, rng, 1, TRAINED_CONTEXT - ANSWER_ROOM, tok.eos_id)
             _, _, scores = forward_with_taps(model, tokens, last)
-            is_digit = (context & (tokens[..., None] == digit_ids).any(-1))[0]
+            is_digit = digit_mask(tokens, context, digit_ids)[0]
             for layer, score in enumerate(scores):
                 ctx = score[0].masked_fill(~context[0], float("-inf"))
                 rank = torch.argsort(torch.argsort(ctx, descending=True))  # rank of every slot, 0 = highest

@@ -139,7 +139,8 @@ def test_training_selection_score_is_homers_significance():
     h = model.embed_tokens(tokens)
     with torch.no_grad():
         for layer in range(2):
-            score = script.last_query_logits(model, layer, h, last)  # [B, T]
+            keys = model.attend(layer, h, torch.arange(tokens.shape[1]))[1]
+            score = script.last_query_logits(model, layer, h, keys, last)  # [B, T]
             for b in range(3):
                 n = int(last[b]) + 1
                 expected = model.attend(layer, h[b : b + 1, :n], torch.arange(n))[3][0].amax(0)
