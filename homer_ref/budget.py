@@ -12,8 +12,6 @@ from pathlib import Path
 import torch
 
 from homer_ref.llama import LlamaConfig
-from homer_ref.plan import Plan
-from homer_ref.traversal import simulate_live_kv
 
 
 def available_bytes(device="cpu") -> int | None:
@@ -74,14 +72,4 @@ def plain_bytes(cfg: LlamaConfig, prompt_len: int, new_tokens: int, itemsize: in
         kv_bytes(cfg, n * cfg.num_hidden_layers, itemsize)
         + activation_bytes(cfg, prompt_len, itemsize)
         + prompt_len * cfg.vocab_size * max(itemsize, 4)
-    )
-
-
-def homer_bytes(cfg: LlamaConfig, p: Plan, traversal: str, itemsize: int) -> int:
-    """HOMER's prefill: its peak live KV (from the plan alone), one chunk's activations and the final logits."""
-    chunk = min(p.M, p.P + p.C + p.S)
-    return (
-        kv_bytes(cfg, max(simulate_live_kv(p, traversal)), itemsize)
-        + activation_bytes(cfg, chunk, itemsize)
-        + p.final_len * cfg.vocab_size * max(itemsize, 4)
     )

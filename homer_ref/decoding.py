@@ -6,7 +6,7 @@ the prompt length for a plain prompt). Sampling settings apply to the first toke
 """
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import torch
 
@@ -65,16 +65,6 @@ def decode(
     on_token: Callable[[int], None] | None = None,
 ) -> list[int]:
     """Generate up to `max_new_tokens` ids (stopping after a stop id), each fed back at the next position."""
-    return list(
-        _decode_iter(
-            model, last_logits, cache, next_position, max_new_tokens, temperature, top_p, seed, stop_ids, on_token
-        )
-    )
-
-
-def _decode_iter(
-    model, last_logits, cache, position, max_new_tokens, temperature, top_p, seed, stop_ids, on_token
-) -> Iterator[int]:
     if not 0 <= temperature < math.inf or not 0 < top_p <= 1:  # NaN fails both comparisons
         raise ValueError(f"temperature must be finite and >= 0, top_p in (0, 1]; got {temperature} and {top_p}")
     for name, value in (("max_new_tokens", max_new_tokens), ("seed", seed)):
@@ -86,16 +76,18 @@ def _decode_iter(
         raise ValueError(f"seed must be a 64-bit integer, got {seed}")
     generator = torch.Generator(device="cpu").manual_seed(seed)
     device = last_logits.device
+    out: list[int] = []
     for t in range(max_new_tokens):
         token = sample_next(last_logits.cpu(), temperature, top_p, generator)
+        out.append(token)
         if on_token is not None:
             on_token(token)
-        yield token
         if token in stop_ids or t == max_new_tokens - 1:
-            return
+            break
         x = torch.tensor([[token]], device=device)
-        logits, cache = model.forward_cached(x, torch.tensor([position + t], device=device), cache)
+        logits, cache = model.forward_cached(x, torch.tensor([next_position + t], device=device), cache)
         last_logits = logits[0, -1]
+    return out
 
 
 @torch.no_grad()

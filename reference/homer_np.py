@@ -31,7 +31,7 @@ Symbol legend (shared with the torch code and the tests):
     n, K             tokens in the node being processed, slots in the final cache
     R                default child target P + E//2 + S (D.4)
 
-Each node is a plain dict of arrays (a "chunk"): h [n, D], pos [n] int64, affix [n] bool (True = prefix or
+Each node is a plain dict of arrays (a "chunk"): h [n, D], pos [n] int64, is_context [n] bool (False = prefix or
 suffix, never pruned), keys/values: {layer: [Hkv, n, Dh]} for every layer run so far on this node or its
 descendants.
 """
@@ -162,7 +162,7 @@ def plan(config: dict, P: int, C: int, S: int, M: int, T: int, W: int) -> dict:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def significance(last_logits, pos, affix, layer, bias, reduction, seed, level, index) -> np.ndarray:
+def significance(last_logits, pos, is_context, layer, bias, reduction, seed, level, index) -> np.ndarray:
     """float32 scores [n]; the lowest ones are removed. Affix slots get +inf (D.3)."""
     n = pos.shape[0]
     if reduction == "random":
@@ -172,7 +172,7 @@ def significance(last_logits, pos, affix, layer, bias, reduction, seed, level, i
         if reduction == "calibrated":
             rel = pos[-1] - pos  # distance in POSITION space from the last (query) token, >= 0
             scores = scores - bias[layer][rel]  # float32 - float32
-    scores[affix] = np.float32(np.inf)
+    scores[~is_context] = np.float32(np.inf)
     return scores
 
 
@@ -202,13 +202,13 @@ def run_node(config, weights, chunk, layers, target, level, index, bias, reducti
         chunk["keys"][layer], chunk["values"][layer] = k, v  # [Hkv, n, Dh]: this layer's K/V for all n tokens
         n_reduce = chunk["pos"].shape[0] - target
         if layer == last - 1 and n_reduce > 0:
-            pos, affix = chunk["pos"], chunk["affix"]
-            scores = significance(last_logits, pos, affix, layer, bias, reduction, seed, level, index)
+            pos, is_context = chunk["pos"], chunk["is_context"]
+            scores = significance(last_logits, pos, is_context, layer, bias, reduction, seed, level, index)
             kept, removed = select(scores, n_reduce)
-            assert not affix[removed].any()  # the N.2.6 checks guarantee enough context slots
+            assert is_context[removed].all()  # the N.2.6 checks guarantee enough context slots
             # Propagative refinement (F): the same slots go from the hidden states, positions, mask and
             # the K/V of EVERY layer this chunk holds, so each slot is kept in all layers or in none.
-            chunk["h"], chunk["pos"], chunk["affix"] = chunk["h"][kept], pos[kept], affix[kept]
+            chunk["h"], chunk["pos"], chunk["is_context"] = chunk["h"][kept], pos[kept], is_context[kept]
             for lay in chunk["keys"]:
                 chunk["keys"][lay] = chunk["keys"][lay][:, kept]
                 chunk["values"][lay] = chunk["values"][lay][:, kept]
@@ -259,7 +259,7 @@ def merge(left: dict, right: dict, P: int, S: int) -> dict:
     return {
         "h": join(left["h"], right["h"], axis=0),  # [n, D]
         "pos": concat(left["pos"], right["pos"]),  # [n]  reused, never re-indexed (E.3)
-        "affix": concat(left["affix"], right["affix"]),  # [n]
+        "is_context": concat(left["is_context"], right["is_context"]),  # [n]
         "keys": {lay: join(left["keys"][lay], right["keys"][lay], axis=1) for lay in left["keys"]},
         "values": {lay: join(left["values"][lay], right["values"][lay], axis=1) for lay in left["values"]},
     }
@@ -271,7 +271,7 @@ def merge(left: dict, right: dict, P: int, S: int) -> dict:
 
 
 def _leaf(config, weights, prefix_ids, context_ids, suffix_ids, pl: dict, i: int) -> dict:
-    """Leaf i: ids [prefix | context slice | suffix], local positions (B.3), affix mask (B.4)."""
+    """Leaf i: ids [prefix | context slice | suffix], local positions (B.3), reduction mask (B.4)."""
     P, S, N, e, C = pl["P"], pl["S"], pl["N"], pl["e"], pl["C"]
     ctx = context_ids[i * e : min((i + 1) * e, C)]
     c_i = len(ctx)
@@ -280,8 +280,8 @@ def _leaf(config, weights, prefix_ids, context_ids, suffix_ids, pl: dict, i: int
         pos = np.arange(P + c_i + S, dtype=np.int64)
     else:  # suffix token j at P + e + j in EVERY leaf (a gap after a short last leaf)
         pos = np.concatenate([np.arange(P + c_i), P + e + np.arange(S)]).astype(np.int64)
-    affix = np.array([True] * P + [False] * c_i + [True] * S, dtype=bool)
-    return {"h": llama_np.embed(config, weights, ids), "pos": pos, "affix": affix, "keys": {}, "values": {}}
+    is_context = np.array([False] * P + [True] * c_i + [False] * S, dtype=bool)
+    return {"h": llama_np.embed(config, weights, ids), "pos": pos, "is_context": is_context, "keys": {}, "values": {}}
 
 
 def homer_prefill(

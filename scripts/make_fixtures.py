@@ -38,11 +38,12 @@ from safetensors.torch import save as safetensors_bytes
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
-from homer_ref import trace as trace_cli  # noqa: E402
+from homer_ref.cli import trace as trace_cli  # noqa: E402
+from homer_ref.homer.plan import HomerConfig, plan  # noqa: E402
 from homer_ref.llama import Llama  # noqa: E402
 from homer_ref.loading import checkpoint_names, parse_config  # noqa: E402
-from homer_ref.plan import HomerConfig, plan  # noqa: E402
 from homer_ref.testing import DEFAULT_ATOL, DEFAULT_RTOL, decision_margin, load_trace  # noqa: E402
+from homer_ref.testing.trace import FORMAT_VERSION  # noqa: E402
 
 FIXTURES = ROOT / "fixtures"
 MIN_MARGIN = 1e-3  # smallest allowed gap between the last removed and the first kept score of a pruning node
@@ -221,7 +222,7 @@ def manifest() -> dict:
             }
         )
     return {
-        "format_version": trace_cli.FORMAT_VERSION,
+        "format_version": FORMAT_VERSION,
         "generator": "python scripts/make_fixtures.py (homer_ref)",
         "docs": "docs/TRACE_FORMAT.md",
         "tolerance": {"atol": DEFAULT_ATOL, "rtol": DEFAULT_RTOL},
@@ -241,7 +242,7 @@ def readme() -> str:
         f"| `{c.name}` | {c.model} | {c.P} | {c.C} | {c.S} | {c.M} | {c.T} | {c.W} | {c.reduction} | {c.covers} |"
         for c in CASES
     )
-    return f"""# homer_ref golden fixtures (trace format {trace_cli.FORMAT_VERSION})
+    return f"""# homer_ref golden fixtures (trace format {FORMAT_VERSION})
 
 Answer keys for other HOMER implementations, made by `python scripts/make_fixtures.py` and checked in CI
 (`tests/test_fixtures.py`: regenerated traces must not drift, and the independent NumPy oracle must agree).

@@ -1,10 +1,10 @@
 """Train the shipped passkey model: `python scripts/train_passkey_model.py --out homer_ref/data/passkey_model`.
 
 A small Llama (homer_ref.llama.Llama, float32, AdamW, seeded) learns this project's synthetic passkey task
-(`homer_ref/passkey.py`) within a trained context of 256 tokens. The directory it writes is an HF Llama
+(`homer_ref/tasks/passkey.py`) within a trained context of 256 tokens. The directory it writes is an HF Llama
 checkpoint that `homer_ref.load_model` reads: config.json, model.safetensors (float16, HF names),
 tokenizer.model (sentencepiece BPE trained here on the task's own text, digits split), homer_bias.safetensors
-(HOMER's calibration table, computed with `homer_ref.calibration.calibrate` on filler windows) and README.md
+(HOMER's calibration table, computed with `homer_ref.homer.calibration.calibrate` on filler windows) and README.md
 (the model card).
 
 Why the model looks the way it does (measured on a throwaway prototype; see the model card):
@@ -15,14 +15,15 @@ Why the model looks the way it does (measured on a throwaway prototype; see the 
   (its LM head predicts the space before the digits), and a selection loss acts on the ranking itself: at every
   layer, the last prompt token's head-max pre-softmax logit should put the digit tokens first among the context
   tokens (a cross-entropy over the context). The head is thrown away: the shipped model is the plain LM.
-- Per-layer heads on each layer's attention output (`--layer-heads`, runs e and f) are off: without the
-  selection loss they left the digits ranked low at layers 4-7 (71.5% at 8x); with it they made the model read
-  merged caches worse than without them (run f: YaRN ahead at 8x; run k, shipped: HOMER ahead). See the card.
+- Per-layer heads on each layer's attention output (`--layer-heads`) are off: without the selection loss they
+  left the digits ranked low at layers 4-7 (71.5% at 8x); with it they made the model read merged caches worse
+  than without them. The model card records how the recipe was found.
 - 8 heads, so that the max over heads covers every digit at every reduction layer.
 HOMER stays training-free: nothing here sees HOMER's intermediate states.
 
 `--card-from RESULTS.jsonl` rewrites only the model card, with a table made from `python -m homer_ref.eval
---json` lines (the card's measured numbers are never typed by hand).
+--json` lines (the card's measured numbers are never typed by hand); the card's hand-written section on how the
+recipe was found is kept as it is.
 """
 
 import argparse
@@ -41,111 +42,39 @@ from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-from homer_ref import passkey
-from homer_ref.calibration import calibrate
+from homer_ref.homer.calibration import calibrate
 from homer_ref.llama import Llama, LlamaConfig, apply_rope, rope_cos_sin
 from homer_ref.loading import checkpoint_names, hf_config_dict, load_model, load_tokenizer
+from homer_ref.tasks import passkey
 
 TRAINED_CONTEXT = 256
 ANSWER_ROOM = 8  # tokens kept free after a prompt for the answer ("▁" + 5 digits + " ." + EOS)
 VOCAB_SIZE = 288
 BIAS_WINDOWS = 32
 FILES = ("config.json", "model.safetensors", "tokenizer.model", "homer_bias.safetensors")
-HISTORY_ROWS = [  # (run, change, result): how the recipe was found; all seed 0 on 2 shared CPU cores
-    (
-        "prototype (throwaway, word-level)",
-        "8 layers, d=128; 4 vs 8 heads; final-state auxiliary heads",
-        "4 heads: HOMER 0% at 4x/8x (digits 2-5 pruned); 8 heads + auxiliary heads: 88% / 82% at M=128",
-    ),
-    ("c", "MLP 192, 600 steps x 12 sequences, final-state heads only", "not learned yet (held-out exact 9%)"),
-    (
-        "d",
-        "2,500 steps x 16 (stopped at 1,600), final-state heads only",
-        "learned at ~850 steps; step 1,500, 4x, 20 samples: plain 50%, HOMER (uncalibrated) 20% at M=256, "
-        "0% at M=128; `--explain`: lost digits ranked 140-246 of 255 at the reductions of layers 3 and 5",
-    ),
-    (
-        "e",
-        "+ one auxiliary head per layer on that layer's attention output at the last prompt token",
-        "step 1,000, 20 samples, uncalibrated, M=256: HOMER 100% at 4x, 70% at 8x, 75% at 16x (M=128: 45% at 8x); "
-        "step 2,000, 200 samples, M=248: HOMER 100% at 4x, 71.5% at 8x, 74.0% at 16x (YaRN 86.0% at 8x); "
-        "digit ranks: the first table below",
-    ),
-    (
-        "f (`--layer-heads`)",
-        "+ a selection loss (weight 0.5): at every layer the last prompt token's head-max attention logit ranks "
-        "the 10 digit tokens first among the context tokens (cross-entropy over the context)",
-        "digits in the top 4% at every layer, a complete copy kept in every sample; 200 samples: HOMER 94.5% at "
-        "4x and 8x, 92.0% at 16x (M=128: 87.5% at 8x), merging without pruning 94.0% at 8x; but YaRN 96.5% at 8x, "
-        "dynamic 98.5% at 4x. The failures read the kept digits in the wrong order (20533 as 20053)",
-    ),
-    (
-        "g",
-        "f with a hinge form (digits above the context's 90% quantile + 1)",
-        "diverged by step 500; stopped (the option was removed)",
-    ),
-    (
-        "h",
-        "f with weight 0.05",
-        "digits in the top 4% at every layer, yet HOMER 75% at 4x, 37% at 8x (100 samples): it answers "
-        "'is is is' once 'pass' is pruned (its reading matches the question's 'pass key is' in the context)",
-    ),
-    (
-        "j",
-        "f with the whole passkey sentence (21 tokens: the digits and the words around them) as the target",
-        "step 1,000, 50 samples, uncalibrated: HOMER 96% at 4x, 86% at 8x; step 2,000, 100 samples: 86% at 4x, "
-        "79% at 8x, a complete copy kept in every sample (reading failures again)",
-    ),
-    (
-        "k (shipped)",
-        "f without the per-layer heads (the final-state head, the answer loss and the selection loss remain)",
-        "step 1,000, 50 samples, uncalibrated: 90% at 4x and 8x; step 2,000: the tables above",
-    ),
-]
-# `--ranks-of` on run e's weights (shipped at git b3fe3d5), kept for the card's comparison.
-RUN_E_RANKS = """| layer | 0 | 1 | 2 | 3 | 4 | 5 | 6 | 7 |
-|---|---|---|---|---|---|---|---|---|
-| mean | 0.021 | 0.020 | 0.020 | 0.023 | 0.168 | 0.048 | 0.095 | 0.256 |
-| worst | 0.049 | 0.040 | 0.051 | 0.101 | 0.987 | 0.523 | 0.810 | 0.996 |"""
+HISTORY_HEADING = "## How this recipe was found"  # a hand-written section of the card, kept when it is rewritten
 
 
-def history(ranks: str) -> str:
-    """How the recipe was found, and where the digits rank in run e and in the shipped model (`ranks`)."""
-    lines = ["## How this recipe was found", "| run | change | result |", "|---|---|---|"]
-    lines += [f"| {run} | {change} | {result} |" for run, change, result in HISTORY_ROWS]
-    lines += [
-        "",
-        "Failures are read with `python -m homer_ref.eval passkey --explain`: for each failed HOMER sample it prints,",
-        "per tree node, how many passkey digits came in, how many were kept, and the significance rank of each lost",
-        "one.",
-        "",
-        "Where the passkey's digit tokens rank among the context tokens under the last prompt token's head-max logit",
-        "(HOMER's uncalibrated significance), as a fraction of the context (0 = most significant; 40 prompts of 248",
-        "tokens; mean over digits / worst digit), printed by `python scripts/train_passkey_model.py --ranks-of DIR`.",
-        "Run e:",
-        "",
-        RUN_E_RANKS,
-        "",
-        "In run e, layers 0-3 rank every digit near the top; layers 4, 6 and 7 do not, because by then the passkey",
-        "has been copied into neighbouring tokens and the per-layer auxiliary heads (which read attention *outputs*)",
-        "are satisfied by those. At 4x the tree prunes at layers 1, 3, 5, 7 (100%); at 8x it prunes at layers 3-7,",
-        "and `--explain` showed the lost digits at the layer-4 reductions (ranks 130-240 of 247, 129 kept).",
-        "Calibration changed nothing: the distance bias cannot fix a content ranking. Runs f-k add a loss on exactly",
-        "that ranking (on the plain model's own attention over its training prompts; HOMER is not involved).",
-        "The shipped model (run k):",
-        "",
-        ranks,
-        "",
-        "With the ranking fixed, pruning no longer loses the passkey (`copy_kept` is 100% at every length), and",
-        "the `homer-no-pruning` row (a diagnostic, not HOMER: the same tree merging every token) fails about as",
-        "often as HOMER: what is left is a reading failure caused by the merging itself, not by the pruning. The",
-        "failed answers get one or two digits wrong (e.g. 78904 read as 78944, 60024 as 63024). Two things still",
-        "differ from the plain prompt once nothing is pruned: the lower layers are chunk-local, and the chunks'",
-        "position ids overlap (HOMER_SPEC.md E.3); which of them this model trips on is not isolated. Runs f, h, j",
-        "and k show that this reading varies a lot between trainings of similar recipes.",
-        "",
-    ]
-    return "\n".join(lines)
+def recorded_history(card: Path) -> str:
+    """The card's hand-written training history (from its heading to the next one), or "" for a new card."""
+    text = card.read_text() if card.is_file() else ""
+    if HISTORY_HEADING not in text:
+        return ""
+    section = text[text.index(HISTORY_HEADING) :]
+    end = section.find("\n## ", len(HISTORY_HEADING))
+    return section if end < 0 else section[: end + 1]
+
+
+def ranks_section(ranks: str) -> str:
+    """Where the shipped model's last prompt token ranks the passkey's digits, layer by layer (generated)."""
+    return f"""## Where the passkey's digits rank
+Where the passkey's digit tokens rank among the context tokens under the last prompt token's head-max logit
+(HOMER's uncalibrated significance), as a fraction of the context (0 = most significant; 40 prompts of 248
+tokens; mean over digits / worst digit), printed by `python scripts/train_passkey_model.py --ranks-of DIR`:
+
+{ranks}
+
+"""
 
 
 def log(message: str) -> None:
@@ -310,7 +239,7 @@ def losses(
     # Selection: at every layer, the last prompt token's head-max logit (HOMER's significance) should rank the
     # target tokens first among the context tokens: cross-entropy of a softmax over the context, averaged over
     # the targets. Target "digits": the passkey's 10 digit tokens (both copies; shipped); "sentence": the whole
-    # passkey sentence (run j). It shapes the plain model's attention only; no HOMER state.
+    # passkey sentence. It shapes the plain model's attention only; no HOMER state.
     wanted = needle if select_target == "sentence" else digit_mask(tokens, context, digit_ids)  # [B, T]
     select = 0.0
     for score in scores:
@@ -430,7 +359,7 @@ def results_table(rows: list[dict]) -> str:
 
 
 def targets(rows: list[dict]) -> str:
-    """The issue's targets, checked against the measured rows (missing cells say so)."""
+    """The targets the model was trained for, checked against the measured rows (missing cells say so)."""
     default_m = TRAINED_CONTEXT - ANSWER_ROOM  # the targets are checked at eval's default M (other M: extra rows)
     acc = {
         (r["mode"], r["length"] // TRAINED_CONTEXT): r["accuracy"]
@@ -484,6 +413,7 @@ def write_card(out: Path, results: list[dict], commands: list[str]) -> None:
         if meta.get("layer_heads", True)
         else "a training-only linear head predicting the 5 digits from the last prompt token's final hidden state"
     )
+    ranks = digit_ranks(load_model(out), load_tokenizer(out / "tokenizer.model"))
     cmds = "\n".join(commands) if commands else "python -m homer_ref.eval passkey --samples 200 --json"
     card = f"""# passkey_model — homer_ref's shipped demo model
 
@@ -495,7 +425,7 @@ CPU in seconds: plain inference loses the passkey beyond the trained context, HO
 measured table below). It knows nothing but this task.
 
 ## Data
-`homer_ref/passkey.py`: filler sentences written for this project (8 sentences drawn at random), one passkey
+`homer_ref/tasks/passkey.py`: filler sentences written for this project (8 sentences drawn at random), one passkey
 sentence ("The pass key is 48219 . Do not forget 48219 .") at a uniformly random depth, then the question
 "What is the pass key ? The pass key is"; with probability 1/2 a short instruction follows BOS. Prompt lengths
 uniform in [{meta["min_len"]}, {meta["max_len"]}] tokens, passkeys uniform 5-digit numbers, all drawn from
@@ -518,7 +448,7 @@ differently. On an idle machine the run takes about 15 min (0.4-0.5 s per step i
 
 Weights are stored in float16 (loaded as float32 by `homer_ref.load_model`); every number below was measured on
 these stored weights. `homer_bias.safetensors` holds HOMER's calibration table (`bias`, [L, {TRAINED_CONTEXT}],
-float32): `homer_ref.calibration.calibrate` on {BIAS_WINDOWS} windows of BOS + filler, {TRAINED_CONTEXT} tokens
+float32): `homer_ref.homer.calibration.calibrate` on {BIAS_WINDOWS} windows of BOS + filler, {TRAINED_CONTEXT} tokens
 each; it serves any max_chunk_len up to {TRAINED_CONTEXT}.
 
 ## Measured accuracy (passkey retrieval, greedy)
@@ -527,9 +457,9 @@ Lengths are whole prompts in multiples of the trained context. Commands:
 {cmds}
 ```
 {results_table(results)}
-### Targets (issue 4), checked against the table
+### Targets, checked against the table
 {targets(results)}
-{history(digit_ranks(load_model(out), load_tokenizer(out / "tokenizer.model")))}
+{ranks_section(ranks)}{recorded_history(out / "README.md")}
 ## Files ({total:,} bytes in all)
 | file | bytes | sha256 |
 |---|---:|---|

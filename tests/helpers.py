@@ -57,7 +57,7 @@ TOL = {
     "stories_oracle_float32": Tol(1e-4),
 }
 
-MEASURED: dict[str, float] = {}  # tolerance key -> largest max |Δ| seen this session (printed by conftest)
+MEASURED: dict[str, float] = {}  # tolerance key -> largest max |Δ| seen in this pytest run (printed by conftest)
 
 
 def to_numpy(x) -> np.ndarray:

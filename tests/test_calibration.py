@@ -10,7 +10,7 @@ from helpers import ROOT, assert_close
 from safetensors import safe_open
 
 from homer_ref import load_model
-from homer_ref.calibration import calibrate, calibrate_on_context, windows_from_ids
+from homer_ref.homer.calibration import calibrate, calibrate_on_context, windows_from_ids
 from reference import llama_np
 
 pytest.importorskip("transformers")

@@ -15,12 +15,13 @@ import pytest
 import torch
 from safetensors.numpy import save_file
 
-from homer_ref import compare
-from homer_ref.cli import run_main
+from homer_ref.cli import compare
+from homer_ref.cli.common import run_main
 from homer_ref.homer import homer_prefill
+from homer_ref.homer.calibration import load_bias
 from homer_ref.loading import load_model
 from homer_ref.testing import Trace, assert_traces_match, compare_traces, decision_margin, load_trace
-from homer_ref.trace import load_bias, parse_input
+from homer_ref.testing.trace import parse_input
 
 ROOT = Path(__file__).resolve().parent.parent
 CASE = ROOT / "fixtures" / "cases" / "four_leaves"

@@ -24,8 +24,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import homer_ref.trace
-from homer_ref import reduction
+import homer_ref.cli.trace
+from homer_ref.homer import reduction
 from homer_ref.testing import assert_traces_match, compare_traces
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -40,7 +40,7 @@ def run_implementation(case: dict, out: Path) -> Path:
     argv = ["--model", str(FIXTURES / case["model"]), "--input", str(FIXTURES / case["input"]), "--out", str(out)]
     if case["bias"]:
         argv += ["--bias", str(FIXTURES / case["bias"])]
-    homer_ref.trace.main(argv)
+    homer_ref.cli.trace.main(argv)
     return out
 
 

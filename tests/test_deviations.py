@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from homer_ref.homer import continuation_logits, homer_prefill
+from homer_ref.homer.plan import HomerConfig
 from homer_ref.llama import Llama, LlamaConfig
-from homer_ref.plan import HomerConfig
 
 
 @pytest.fixture(scope="module")

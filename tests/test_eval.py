@@ -22,20 +22,14 @@ from helpers import ROOT
 from safetensors.torch import save_file
 
 from homer_ref import load_model, load_tokenizer
-from homer_ref.calibration import calibrate
-from homer_ref.cli import run_main
+from homer_ref.cli.common import run_main
+from homer_ref.cli.eval import PASSKEY_MODES, greedy_batch, main, rope_scaled, surviving_context
 from homer_ref.decoding import generate_plain
-from homer_ref.eval import (
-    DEFAULT_MODEL,
-    PASSKEY_MODES,
-    greedy_batch,
-    main,
-    passkey_prompts,
-    rope_scaled,
-    surviving_context,
-)
 from homer_ref.homer import homer_prefill
-from homer_ref.plan import HomerConfig
+from homer_ref.homer.calibration import calibrate
+from homer_ref.homer.plan import HomerConfig
+from homer_ref.tasks.passkey import SHIPPED_MODEL as DEFAULT_MODEL
+from homer_ref.tasks.passkey import passkey_prompts
 
 TOKENIZER = DEFAULT_MODEL / "tokenizer.model"
 TINY = dict(vocab_size=288, num_hidden_layers=4, max_position_embeddings=64)  # the shipped tokenizer's vocabulary

@@ -5,7 +5,7 @@
   by BLAS rounding; every pruning decision wins by >= MIN_MARGIN, so none can flip).
 - Correctness: the NumPy oracle (reference/, float64, written independently of the torch code) agrees with
   every committed trace within the kit's default tolerance, node by node.
-- Coverage: the cases cover what issue 5 asks for (one chunk, 2/4/8 leaves, short-right rule, leftover layers,
+- Coverage: the cases cover every rule of the plan (one chunk, 2/4/8 leaves, short-right rule, leftover layers,
   T < M, P = 0, GQA, the uncalibrated and random modes), and stay small enough to vendor.
 
 To update the fixtures after a deliberate change of the algorithm or the format: `python scripts/make_fixtures.py`
@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from homer_ref.plan import HomerConfig, plan
+from homer_ref.homer.plan import HomerConfig, plan
 from homer_ref.testing import compare_traces, decision_margin, load_trace
 from reference import homer_np, llama_np
 

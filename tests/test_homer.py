@@ -26,9 +26,9 @@ from hypothesis import strategies as st
 
 from homer_ref import load_model
 from homer_ref.homer import continuation_logits, homer_generate, homer_prefill
+from homer_ref.homer.plan import REDUCTIONS, HomerConfig
+from homer_ref.homer.traversal import g2_bound
 from homer_ref.llama import Llama, LlamaConfig
-from homer_ref.plan import REDUCTIONS, HomerConfig
-from homer_ref.traversal import g2_bound
 from reference import homer_np, llama_np
 
 FAST = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])

@@ -5,11 +5,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from homer_ref.bench import macs
+from homer_ref.cli.bench import macs
 from homer_ref.homer import homer_prefill
+from homer_ref.homer.plan import HomerConfig, plan
+from homer_ref.homer.traversal import g2_bound, plain_kv, simulate_live_kv
 from homer_ref.llama import Llama, LlamaConfig
-from homer_ref.plan import HomerConfig, plan
-from homer_ref.traversal import g2_bound, plain_kv, simulate_live_kv
 
 # HOMER_SPEC.md G.3: live KV token-layers measured by running the official code (Llama-2-7B shape, L=32, W=12,
 # M=T=2048, P=S=100) with the right children freed after merging — i.e. an ideal depth-first traversal.
@@ -73,7 +73,7 @@ def test_operation_counts_agree_when_homer_is_trivial():
 
 def test_bench_measurement_reports_the_simulated_live_kv():
     """The benchmark's per-run measurement (what its tables are made of) on a short input of the bench model."""
-    from homer_ref.bench import BENCH, P_BENCH, S_BENCH, measure_one
+    from homer_ref.cli.bench import BENCH, P_BENCH, S_BENCH, measure_one
 
     row = measure_one("bench", "homer_depth_first", 600, 128)
     p = plan(BENCH.num_hidden_layers, HomerConfig(128, 128, 0), P_BENCH, 600 - P_BENCH - S_BENCH, S_BENCH)

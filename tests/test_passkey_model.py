@@ -18,9 +18,11 @@ import pytest
 import torch
 from helpers import ROOT
 
-from homer_ref import load_model, load_tokenizer, passkey
-from homer_ref.eval import DEFAULT_MODEL, main
-from homer_ref.trace import load_bias
+from homer_ref import load_model, load_tokenizer
+from homer_ref.cli.eval import main
+from homer_ref.homer.calibration import load_bias
+from homer_ref.tasks import passkey
+from homer_ref.tasks.passkey import SHIPPED_MODEL as DEFAULT_MODEL
 
 CARD_ROW = re.compile(r"^\| `([^`]+)` \| ([\d,]+) \| `([0-9a-f]{64})` \|$")
 

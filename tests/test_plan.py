@@ -23,8 +23,8 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from homer_ref.homer import homer_prefill
+from homer_ref.homer.plan import HomerConfig, plan
 from homer_ref.llama import Llama, LlamaConfig
-from homer_ref.plan import HomerConfig, plan
 
 
 def tiny_llama(L=4, V=32, D=16, Hq=4, Hkv=2, seed=0, dtype=torch.float64) -> Llama:

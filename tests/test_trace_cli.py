@@ -25,8 +25,8 @@ from helpers import ROOT, assert_close, llama2c_to_hf_dir, make_hf_llama
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from homer_ref.cli import run_main
-from homer_ref.trace import main as trace_main
+from homer_ref.cli.common import run_main
+from homer_ref.cli.trace import main as trace_main
 from reference import homer_np, llama_np
 
 L, V, HKV, DH = 6, 48, 2, 6  # the random HF model of this module (Hq = 4, D = 24)

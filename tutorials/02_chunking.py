@@ -39,8 +39,8 @@ sys.path.insert(0, str(ROOT))
 STORIES = ROOT.parent / "shared" / "data" / "stories260K"
 
 import homer_ref
-from homer_ref.chunking import leaf_positions, leaf_span, make_leaf
-from homer_ref.plan import HomerConfig, plan
+from homer_ref.homer.chunking import leaf_positions, leaf_span, make_leaf
+from homer_ref.homer.plan import HomerConfig, plan
 
 
 class ByteTokenizer:
@@ -148,7 +148,7 @@ print()
 print(" leaf  context slice  n    positions (prefix | context | suffix)   text")
 leaves = []
 for i in range(p.N):
-    ids, positions, is_context = make_leaf(p, i, prefix_ids, context_ids, suffix_ids)  # 3 tensors [n]
+    ids, positions, is_context, _ = make_leaf(p, i, prefix_ids, context_ids, suffix_ids)  # tensors [n]
     leaves.append((ids.tolist(), positions.tolist(), is_context.tolist()))
     start, stop = leaf_span(p, i)
     pos = positions.tolist()
@@ -178,7 +178,7 @@ print(f"gap before the suffix: {gap} unused positions (the last leaf holds {p.le
 # only if both copies sit at the same positions. And since every leaf uses positions 0 … P+e+S−1 ≤ M−1, the model
 # never sees a position beyond M − 1, however long the document.
 #
-# The third tensor `make_leaf` returns, `is_context`, is the **reduction mask**: only context tokens may ever be
+# The third field `make_leaf` returns, `is_context`, is the **reduction mask**: only context tokens may ever be
 # pruned; the prefix and suffix always survive. For leaf 0 (█ = context, · = prefix or suffix):
 
 # %%

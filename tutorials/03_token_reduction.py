@@ -36,12 +36,11 @@ sys.path.insert(0, str(ROOT))
 STORIES = ROOT.parent / "shared" / "data" / "stories260K"
 
 import homer_ref
-from homer_ref import reduction
-from homer_ref.calibration import calibrate, windows_from_ids
-from homer_ref.chunking import make_leaf
-from homer_ref.homer import homer_prefill
+from homer_ref.homer import homer_prefill, reduction
+from homer_ref.homer.calibration import calibrate, windows_from_ids
+from homer_ref.homer.chunking import make_leaf
+from homer_ref.homer.plan import HomerConfig, plan
 from homer_ref.llama import Llama, LlamaConfig, apply_rope, rope_cos_sin
-from homer_ref.plan import HomerConfig, plan
 
 
 class ByteTokenizer:
@@ -121,7 +120,7 @@ print(p)
 leaf = p.nodes[(0, 0)]
 first, last = leaf.layers
 reduction_layer = last - 1
-ids, positions, is_context = make_leaf(p, 0, prefix_ids, context_ids, suffix_ids)  # each [n]
+ids, positions, is_context, _ = make_leaf(p, 0, prefix_ids, context_ids, suffix_ids)  # each [n]
 n = len(ids)
 k_remove = n - leaf.target
 print(
@@ -227,12 +226,12 @@ print("  mean score    " + "".join(f"{f'd {a}-{b - 1}':>10s}" for a, b in zip(ed
 corr = {mode: by_distance(scores[mode], mode) for mode in scores}
 
 # %% [markdown]
-# Each mode removes the k tokens with the lowest scores (`reduction.lowest`; among equal scores the earlier token
+# Each mode removes the k tokens with the lowest scores (`reduction.select`; among equal scores the earlier token
 # goes first). Below, the context of leaf 0 with the removed tokens blanked out by `_`, then how many were removed
 # from each distance group:
 
 # %%
-removed = {mode: reduction.lowest(s, k_remove) for mode, s in scores.items()}
+removed = {mode: reduction.select(s, k_remove)[1] for mode, s in scores.items()}
 for mode in scores:
     gone = set(removed[mode].tolist())
     text = "".join("_" * len(piece(t)) if j in gone else piece(t) for j, t in enumerate(ids.tolist()) if is_context[j])
@@ -289,6 +288,6 @@ if IS_REAL:
 # The random mode is reproducible from its seed and changes with it.
 assert torch.equal(reduction.random_significance(0, 0, 0, is_context), scores["random"])
 assert not torch.equal(
-    reduction.lowest(reduction.random_significance(1, 0, 0, is_context), k_remove), removed["random"]
+    reduction.select(reduction.random_significance(1, 0, 0, is_context), k_remove)[1], removed["random"]
 )
 print("all checks passed")

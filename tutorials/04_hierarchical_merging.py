@@ -29,15 +29,14 @@ sys.path.insert(0, str(ROOT))
 STORIES = ROOT.parent / "shared" / "data" / "stories260K"
 
 import homer_ref
-from homer_ref import reduction
-from homer_ref.calibration import calibrate_on_context
-from homer_ref.chunking import Chunk, make_leaf
-from homer_ref.homer import homer_prefill
+from homer_ref.homer import homer_prefill, reduction
+from homer_ref.homer.calibration import calibrate_on_context
+from homer_ref.homer.chunking import Chunk, make_leaf
+from homer_ref.homer.merging import merge
+from homer_ref.homer.plan import HomerConfig, Node, plan
+from homer_ref.homer.refinement import keep_slots
+from homer_ref.homer.traversal import LiveKV, depth_first
 from homer_ref.llama import Llama, LlamaConfig
-from homer_ref.merging import merge
-from homer_ref.plan import HomerConfig, Node, plan
-from homer_ref.refinement import keep_slots
-from homer_ref.traversal import LiveKV, depth_first
 
 
 class ByteTokenizer:
@@ -188,15 +187,15 @@ def run_node(node: Node, chunk: Chunk) -> Chunk:
         chunk.values.append(values[0])
         if layer == last - 1 and k > 0:
             sig = reduction.significance(last_logits[0], chunk.positions, chunk.is_context, bias[layer])
-            keep = torch.ones(len(chunk), dtype=torch.bool).index_fill(0, reduction.lowest(sig, k), False)
-            chunk = keep_slots(chunk, keep.nonzero().squeeze(1))
+            kept, _ = reduction.select(sig, k)
+            chunk = keep_slots(chunk, kept)
         chunk.h = model.feed_forward(layer, chunk.h[None])[0]
     return chunk
 
 
 def run_leaf(i: int) -> Chunk:
-    ids, positions, is_context = make_leaf(p, i, prefix_ids, context_ids, suffix_ids)
-    return run_node(p.nodes[(0, i)], Chunk(model.embed_tokens(ids), positions, is_context))
+    leaf = make_leaf(p, i, prefix_ids, context_ids, suffix_ids)
+    return run_node(p.nodes[(0, i)], Chunk(model.embed_tokens(leaf.ids), leaf.positions, leaf.is_context, leaf.sources))
 
 
 left, right = run_leaf(0), run_leaf(1)

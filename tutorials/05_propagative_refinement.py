@@ -26,13 +26,13 @@ sys.path.insert(0, str(ROOT))
 STORIES = ROOT.parent / "shared" / "data" / "stories260K"
 
 import homer_ref
-from homer_ref.calibration import calibrate_on_context
-from homer_ref.chunking import Chunk, make_leaf
 from homer_ref.decoding import decode
 from homer_ref.homer import homer_generate, homer_prefill
+from homer_ref.homer.calibration import calibrate_on_context
+from homer_ref.homer.chunking import Chunk, make_leaf
+from homer_ref.homer.plan import HomerConfig
+from homer_ref.homer.refinement import keep_slots
 from homer_ref.llama import Llama, LlamaConfig
-from homer_ref.plan import HomerConfig
-from homer_ref.refinement import keep_slots
 
 
 class ByteTokenizer:
@@ -92,8 +92,8 @@ print(p)
 
 # %%
 leaf = p.nodes[(0, 0)]
-ids, positions, is_context = make_leaf(p, 0, prefix_ids, context_ids, suffix_ids)
-chunk = Chunk(model.embed_tokens(ids), positions, is_context)
+ids, positions, is_context, sources = make_leaf(p, 0, prefix_ids, context_ids, suffix_ids)
+chunk = Chunk(model.embed_tokens(ids), positions, is_context, sources)
 for layer in range(*leaf.layers):
     h, k, v, _ = model.attend(layer, chunk.h[None], chunk.positions)
     chunk.h = h[0]
@@ -214,7 +214,7 @@ assert sorted([c for c in survivors if c not in ("p", "s")] + list(dropped_at)) 
 # Refinement = gathering: recompute each leaf's lower layers on its own and compare with the final cache.
 leaf_keys = []  # per leaf: per leaf layer [Hkv, n, Dh]
 for i in range(p.N):
-    ids_i, pos_i, _ = make_leaf(p, i, prefix_ids, context_ids, suffix_ids)
+    ids_i, pos_i, _, _ = make_leaf(p, i, prefix_ids, context_ids, suffix_ids)
     h, ks = model.embed_tokens(ids_i)[None], []
     for layer in range(*leaf.layers):
         h, k, _, _ = model.attend(layer, h, pos_i)

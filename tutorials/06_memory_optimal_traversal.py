@@ -35,11 +35,11 @@ sys.path.insert(0, str(ROOT))
 STORIES = ROOT.parent / "shared" / "data" / "stories260K"
 
 import homer_ref
-from homer_ref.calibration import calibrate_on_context
 from homer_ref.homer import homer_prefill
+from homer_ref.homer.calibration import calibrate_on_context
+from homer_ref.homer.plan import HomerConfig, plan
+from homer_ref.homer.traversal import g2_bound, plain_kv
 from homer_ref.llama import Llama, LlamaConfig
-from homer_ref.plan import HomerConfig, plan
-from homer_ref.traversal import g2_bound, plain_kv
 
 
 class ByteTokenizer:

@@ -30,11 +30,11 @@ STORIES = ROOT.parent / "shared" / "data" / "stories260K"
 torch.set_num_threads(1)  # tiny tensors: extra threads only add overhead on a busy machine
 
 import homer_ref
-from homer_ref import passkey
 from homer_ref.decoding import generate_plain
 from homer_ref.homer import homer_generate, homer_prefill
-from homer_ref.plan import HomerConfig
-from homer_ref.trace import load_bias
+from homer_ref.homer.calibration import load_bias
+from homer_ref.homer.plan import HomerConfig
+from homer_ref.tasks import passkey
 
 SHIPPED = ROOT / "homer_ref" / "data" / "passkey_model"
 model = homer_ref.load_model(SHIPPED)
@@ -111,7 +111,7 @@ print("passkey digits kept:", "".join(tok.piece(t).strip("▁") for t in final_i
 
 # %%
 if (STORIES / "stories260K.bin").is_file():
-    from homer_ref.eval import main as eval_main
+    from homer_ref.cli.eval import main as eval_main
 
     argv = ["perplexity", "--model", str(STORIES / "stories260K.bin"), "--tokenizer", str(STORIES / "tok512.model")]
     argv += ["--length", "3", "--score-from", "1024", "--modes", "plain,sliding,homer-uncalibrated", "--json"]

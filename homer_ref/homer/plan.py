@@ -18,6 +18,7 @@ naming the constraint and a fix, where the official code crashes or silently let
 
 import math
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 REDUCTIONS = ("calibrated", "uncalibrated", "random")
 # Not HOMER: "none" merges without pruning anything: every node's target is its whole input (chunks grow past
@@ -87,6 +88,15 @@ class Plan:
         """ℓ(h): how many layers' cache a node of this level holds once it is finished (HOMER_SPEC.md G.2)."""
         return self.W + self.lo + self.lpc * (level + 1)
 
+    def part(self, source: int) -> tuple[str, int]:
+        """Where prompt token `source` (an index into prefix + context + suffix) comes from: ("prefix", i),
+        ("context", i) or ("suffix", i). Every slot of every node carries its source (`chunking.Chunk.sources`)."""
+        if source < self.P:
+            return "prefix", source
+        if source < self.P + self.C:
+            return "context", source - self.P
+        return "suffix", source - self.P - self.C
+
     def post_order(self) -> list[Node]:
         """The depth-first execution order: left subtree, right subtree, then the node."""
 
@@ -112,20 +122,31 @@ class Plan:
         return "\n".join(lines)
 
 
-def _shape(L: int, M: int, W: int, P: int, C: int, S: int) -> tuple[int, int, int, int, int, int, int]:
-    """(E, N0, H, N, e, lpc, lo) without any checks."""
+class Shape(NamedTuple):
+    """The tree's shape for lengths (P, C, S) and settings (L, M, W), before any checks (B.1, C.1)."""
+
+    E: int  # context tokens a chunk can hold: M - P - S
+    N0: int  # chunks needed: ceil(C / E)
+    H: int  # tree height: ceil(log2 N0)
+    N: int  # leaves: 2**H
+    e: int  # context tokens per leaf: ceil(C / N) (the last leaf may hold fewer)
+    lpc: int  # layers per tree level: floor((L - W) / (H + 1))
+    lo: int  # leftover layers, given to the leaves: (L - W) - lpc * (H + 1)
+
+
+def tree_shape(L: int, M: int, W: int, P: int, C: int, S: int) -> Shape:
     E = M - P - S
     N0 = max(1, math.ceil(C / E))
     H = math.ceil(math.log2(N0))
     N = 2**H
     e = math.ceil(C / N)
     lpc = (L - W) // (H + 1)
-    return E, N0, H, N, e, lpc, (L - W) - lpc * (H + 1)
+    return Shape(E, N0, H, N, e, lpc, (L - W) - lpc * (H + 1))
 
 
 def _last_leaf_ok(M: int, P: int, C: int, S: int) -> bool:
-    E, _, _, N, e, _, _ = _shape(1, M, 0, P, C, S)
-    return N == 1 or C - (N - 1) * e > 0
+    shape = tree_shape(1, M, 0, P, C, S)
+    return shape.N == 1 or C - (shape.N - 1) * shape.e > 0
 
 
 def check_config(L: int, config: HomerConfig, P: int, C: int, S: int) -> None:
@@ -158,8 +179,9 @@ def check_config(L: int, config: HomerConfig, P: int, C: int, S: int) -> None:
         )
     if W >= L:
         raise ValueError(f"warmup_layers W={W} must be below the number of layers L={L}; use W <= {L - 1}")
-    E, _, H, N, e, lpc, _ = _shape(L, M, W, P, C, S)
-    if lpc == 0:
+    shape = tree_shape(L, M, W, P, C, S)
+    E, H, N, e = shape.E, shape.H, shape.N, shape.e
+    if shape.lpc == 0:
         levels = L - W
         reach = 2 ** (levels - 1) * E
         fit = math.ceil(C / 2 ** (levels - 1)) + P + S  # the smallest M whose tree fits L - W layers
@@ -188,7 +210,7 @@ def plan(num_layers: int, config: HomerConfig, P: int, C: int, S: int) -> Plan:
     check_config(num_layers, config, P, C, S)
     L, M, W = num_layers, config.max_chunk_len, config.warmup_layers
     T = M if config.target_len is None else config.target_len
-    E, N0, H, N, e, lpc, lo = _shape(L, M, W, P, C, S)
+    E, N0, H, N, e, lpc, lo = tree_shape(L, M, W, P, C, S)  # every field, named
     leaf_context = tuple(min((i + 1) * e, C) - i * e for i in range(N))
     R = P + E // 2 + S
     nodes: dict[tuple[int, int], Node] = {}

@@ -8,10 +8,12 @@ Set HOMER_REF_TRACEBACK=1 to see the traceback of an unexpected exception.
 import argparse
 import os
 import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -64,3 +66,15 @@ def set_threads_for(model: torch.nn.Module) -> None:
 def progress(message: str) -> None:
     """One line of progress on stderr (stdout is kept for results, so commands pipe)."""
     print(message, file=sys.stderr, flush=True)
+
+
+def save_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    """Write to a temporary file beside `path`, then rename: an interrupted run leaves no partial file."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.close(fd)
+        save_file(tensors, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

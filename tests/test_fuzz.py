@@ -1,4 +1,4 @@
-"""Issue 8, fuzzing: random bytes and random JSON fed to every loader and to the trace input parser give a clean
+"""Fuzzing: random bytes and random JSON fed to every loader and to the trace input parser give a clean
 error or a valid result, never an unexpected exception.
 
 "Clean error": ValueError (CheckpointError for files), whose message is one line, or MemoryError for a request
@@ -21,15 +21,16 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
-from test_hardening_api import MHA
+from test_errors_api import MHA
 
 from homer_ref import load_model, load_tokenizer
-from homer_ref.cli import run_main
+from homer_ref.cli.common import run_main
+from homer_ref.cli.trace import main as trace_main
 from homer_ref.decoding import generate_plain
 from homer_ref.homer import homer_prefill
+from homer_ref.homer.calibration import load_bias
 from homer_ref.testing import compare_traces, load_trace
-from homer_ref.trace import load_bias, parse_input
-from homer_ref.trace import main as trace_main
+from homer_ref.testing.trace import parse_input
 
 FUZZ = settings(
     max_examples=int(os.environ.get("HOMER_REF_FUZZ_EXAMPLES", 60)),

@@ -11,10 +11,14 @@ windows of ordinary text, d in [0, M). Each window of M tokens contributes one v
 
 Deviation (N.2.4): the official repository ships pickled tables for Llama-2 but no code to make them; here
 calibration is part of the library, the table is a safetensors file (key "bias", [L, M] float32, never
-pickle), and `calibrate_on_context` makes one from the input itself when no table exists.
+pickle), and `calibrate_on_context` makes one from the input itself when no table exists. A model directory may
+ship its table as `homer_bias.safetensors` (`find_bias` looks there).
 """
 
+from pathlib import Path
+
 import torch
+from safetensors.torch import load_file
 
 from homer_ref.decoding import check_ids
 from homer_ref.llama import Llama
@@ -69,3 +73,37 @@ def calibrate_on_context(model: Llama, context_ids: list[int], max_chunk_len: in
     if length < max_chunk_len:
         bias = torch.cat([bias, bias[:, -1:].expand(-1, max_chunk_len - length)], dim=1)
     return bias
+
+
+def load_bias(path) -> torch.Tensor:
+    """The `"bias"` tensor [L, R] of a safetensors file (its values are checked by `homer.check_bias`)."""
+    try:
+        tensors = load_file(str(path))
+    except Exception as e:  # safetensors raises several types for unreadable files
+        raise ValueError(f"{path}: not a readable safetensors file ({e})") from e
+    if "bias" not in tensors:
+        raise ValueError(f"{path}: no tensor named 'bias' (found {', '.join(sorted(tensors)) or 'none'})")
+    bias = tensors["bias"]
+    if bias.dim() != 2 or not bias.is_floating_point():
+        raise ValueError(
+            f"{path}: 'bias' is {str(bias.dtype).removeprefix('torch.')} {list(bias.shape)}, expected a float "
+            "[num_layers, R] table; compute one with python -m homer_ref.calibrate"
+        )
+    return bias
+
+
+BIAS_FILE = "homer_bias.safetensors"  # where a model directory keeps its calibration table
+
+
+def find_bias(model_path, max_chunk_len: int, bias_path=None) -> tuple[torch.Tensor | None, str]:
+    """(bias, where it came from): `bias_path` when given, else `homer_bias.safetensors` beside the model when it
+    covers distances < max_chunk_len; (None, "") when neither (the caller then calibrates or picks another mode)."""
+    if bias_path is not None:
+        return load_bias(bias_path), str(bias_path)
+    model_path = Path(model_path)
+    default = (model_path if model_path.is_dir() else model_path.parent) / BIAS_FILE
+    if default.is_file():
+        bias = load_bias(default)
+        if bias.shape[1] >= max_chunk_len:
+            return bias, str(default)
+    return None, ""

@@ -8,16 +8,19 @@ document, and with more than one leaf suffix token j sits at P + e + j in *every
 has a gap between its context and its suffix, and all leaves agree on the suffix positions (which is what lets
 merging average them). With a single leaf the positions are simply 0 .. P+C+S-1.
 
-The reduction mask (B.4) marks the context tokens: only they can ever be pruned.
+The reduction mask (B.4) marks the context tokens: only they can ever be pruned. Every slot also carries its
+*source*, the index of its token in the prompt prefix + context + suffix, so that any node's slots (and the
+final cache's) can be traced back to the text (`Plan.part`, `HomerCache.slot_sources`).
 
 No deviation from the official code here.
 """
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
-from homer_ref.plan import Plan
+from homer_ref.homer.plan import Plan
 
 
 def leaf_span(plan: Plan, i: int) -> tuple[int, int]:
@@ -33,17 +36,34 @@ def leaf_positions(plan: Plan, i: int) -> list[int]:
     return list(range(P + c)) + list(range(P + plan.e, P + plan.e + S))
 
 
+class Leaf(NamedTuple):
+    """The inputs of one leaf, n = P + c_i + S slots."""
+
+    ids: torch.Tensor  # [n] token ids: [prefix | context slice | suffix]
+    positions: torch.Tensor  # [n] position ids (B.3)
+    is_context: torch.Tensor  # [n] bool, the reduction mask (B.4)
+    sources: torch.Tensor  # [n] index of each token in the prompt prefix + context + suffix
+
+
 def make_leaf(
     plan: Plan, i: int, prefix_ids: list[int], context_ids: list[int], suffix_ids: list[int], device="cpu"
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Leaf i as (token ids [n], positions [n], is_context [n] bool), n = P + c_i + S."""
+) -> Leaf:
+    """Leaf i's token ids, positions, reduction mask and sources."""
     start, stop = leaf_span(plan, i)
+    P, C, S = plan.P, plan.C, plan.S
     ids = list(prefix_ids) + list(context_ids[start:stop]) + list(suffix_ids)
-    is_context = [False] * plan.P + [True] * (stop - start) + [False] * plan.S
-    return (
-        torch.tensor(ids, dtype=torch.long, device=device),
-        torch.tensor(leaf_positions(plan, i), dtype=torch.long, device=device),
-        torch.tensor(is_context, dtype=torch.bool, device=device),
+    is_context = [False] * P + [True] * (stop - start) + [False] * S
+    sources = list(range(P)) + list(range(P + start, P + stop)) + list(range(P + C, P + C + S))
+    return Leaf(
+        *(
+            torch.tensor(x, dtype=dtype, device=device)
+            for x, dtype in (
+                (ids, torch.long),
+                (leaf_positions(plan, i), torch.long),
+                (is_context, torch.bool),
+                (sources, torch.long),
+            )
+        )
     )
 
 
@@ -54,6 +74,7 @@ class Chunk:
     h: torch.Tensor  # [n, D] hidden states after the last layer run (the residual stream)
     positions: torch.Tensor  # [n] position ids (local, reused, possibly repeated after merges)
     is_context: torch.Tensor  # [n] bool: True for context slots, the only ones that can be pruned
+    sources: torch.Tensor  # [n] index of each slot's token in prefix + context + suffix (`Plan.part` names it)
     keys: list[torch.Tensor] = field(default_factory=list)  # one per layer run: [Hkv, n, Dh] after RoPE
     values: list[torch.Tensor] = field(default_factory=list)  # one per layer run: [Hkv, n, Dh]
 

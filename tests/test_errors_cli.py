@@ -1,4 +1,4 @@
-"""Issue 8, the commands: every bad input gives one line `error: ...` on stderr, never a traceback, and the exit
+"""Errors from the commands: every bad input gives one line `error: ...` on stderr, never a traceback, and the exit
 code says whose fault it is: 2 invalid input (arguments, files, configurations), 1 a run-time failure (memory, an
 unexpected exception), 130 interrupted. An interrupted run leaves no output file, complete or partial.
 
@@ -25,10 +25,11 @@ import pytest
 import torch
 from helpers import ROOT
 from safetensors.torch import load_file, save_file
-from test_hardening_api import MHA, train_tokenizer
+from test_errors_api import MHA, train_tokenizer
 
-from homer_ref import bench, budget, calibrate, compare, generate, loading, trace
-from homer_ref.cli import run_main
+from homer_ref import budget, loading
+from homer_ref.cli import bench, calibrate, common, compare, generate, trace
+from homer_ref.cli.common import run_main
 
 FOUR_LEAVES = ROOT / "fixtures" / "cases" / "four_leaves" / "trace.safetensors"
 GOOD_INPUT = dict(prefix_ids=[1], context_ids=list(range(2, 26)), suffix_ids=[3], max_chunk_len=8, target_len=8,
@@ -72,7 +73,7 @@ def check(result: Result, code: int, names, prog: str) -> None:
 @pytest.fixture(scope="module")
 def ctx(tmp_path_factory):
     """Every file the tables refer to, made once: tokenizers, corrupt models, prompts, inputs, bias tables."""
-    r = tmp_path_factory.mktemp("hardening-cli")
+    r = tmp_path_factory.mktemp("errors-cli")
     files = {"root": r, "model": MHA, "tok": train_tokenizer(r / "tok64.model", 64)}
     files["tok72"] = train_tokenizer(r / "tok72.model", 72)
     files["garbage"] = r / "garbage.bin"
@@ -309,7 +310,7 @@ EVAL = {  # the eval command is still being written: only cases that hold for an
 
 @pytest.mark.parametrize("name", sorted(EVAL))
 def test_eval_refuses(ctx, capsys, name):
-    from homer_ref import eval as eval_command
+    from homer_ref.cli import eval as eval_command
 
     argv, code, names = EVAL[name]
     check(run(capsys, eval_command, expand(argv, ctx)), code, names, "eval")
@@ -337,7 +338,7 @@ def test_unreadable_files(ctx, capsys, tmp_path):
 
 
 def test_trace_refuses_a_request_that_cannot_fit_in_memory(ctx, capsys, monkeypatch):
-    monkeypatch.setattr(loading, "check_fits", lambda *a, **k: None)  # the model itself loads
+    monkeypatch.setattr(loading.weights, "check_fits", lambda *a, **k: None)  # the model itself loads
     monkeypatch.setattr(budget, "available_bytes", lambda device="cpu": 1024)
     check(run(capsys, trace, expand(TRACE_BASE, ctx)), 1, ("MemoryError", "HOMER on 26 tokens", "1 KiB"), "")
     assert not (ctx["root"] / "t.safetensors").exists()
@@ -358,7 +359,7 @@ def test_ctrl_c_while_writing_leaves_no_partial_file(ctx, capsys, monkeypatch, c
     out = out_dir / "out.safetensors"
     if existing:
         out.write_bytes(b"the previous run's output")
-    monkeypatch.setattr(trace, "save_file", interrupted_save)  # calibrate writes through trace.save_atomic too
+    monkeypatch.setattr(common, "save_file", interrupted_save)  # both write through common.save_atomic
     base = TRACE_BASE if command == "trace" else CALIBRATE_BASE
     argv = with_base(expand(base, ctx), ["--out", str(out)])
     result = run(capsys, trace if command == "trace" else calibrate, argv)
@@ -446,8 +447,9 @@ def test_a_command_as_a_process_prints_no_traceback(ctx):
 
 def test_eval_refuses_a_tokenizer_of_another_vocabulary(stories_dir, capsys):
     """eval checks the tokenizer against the model like generate and calibrate (exit 2, one line)."""
-    from homer_ref.cli import run_main
-    from homer_ref.eval import DEFAULT_MODEL, main
+    from homer_ref.cli.common import run_main
+    from homer_ref.cli.eval import main
+    from homer_ref.tasks.passkey import SHIPPED_MODEL as DEFAULT_MODEL
 
     code = run_main(
         main, ["passkey", "--lengths", "1", "--samples", "1", "--tokenizer", str(stories_dir / "tok512.model")]

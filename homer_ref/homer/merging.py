@@ -22,7 +22,7 @@ child outlives its merge (the official code keeps every right child alive, G.3).
 
 import torch
 
-from homer_ref.chunking import Chunk
+from homer_ref.homer.chunking import Chunk
 
 
 def _join(left: torch.Tensor, right: torch.Tensor, P: int, S: int, dim: int) -> torch.Tensor:
@@ -40,7 +40,7 @@ def _join(left: torch.Tensor, right: torch.Tensor, P: int, S: int, dim: int) -> 
 
 
 def _concat(left: torch.Tensor, right: torch.Tensor, P: int, S: int) -> torch.Tensor:
-    """[left prefix | left context | right context | right suffix] for per-slot labels (positions, masks)."""
+    """[left prefix | left context | right context | right suffix] for per-slot labels (positions, masks, sources)."""
     return torch.cat([left[: len(left) - S], right[P:]])
 
 
@@ -51,6 +51,7 @@ def merge(left: Chunk, right: Chunk, P: int, S: int) -> Chunk:
         h=_join(left.h, right.h, P, S, dim=0),  # [n_L + n_R - P - S, D]
         positions=_concat(left.positions, right.positions, P, S),
         is_context=_concat(left.is_context, right.is_context, P, S),
+        sources=_concat(left.sources, right.sources, P, S),  # affix copies share their sources
     )
     while left.keys:  # layer by layer, dropping each child layer once it is copied
         merged.keys.append(_join(left.keys.pop(0), right.keys.pop(0), P, S, dim=1))  # [Hkv, n, Dh]

@@ -22,15 +22,15 @@ from dataclasses import dataclass
 
 import torch
 
-from homer_ref import reduction
-from homer_ref.budget import check_fits, homer_bytes, kv_bytes
-from homer_ref.chunking import Chunk, make_leaf
+from homer_ref.budget import activation_bytes, check_fits, kv_bytes
 from homer_ref.decoding import check_ids, decode
-from homer_ref.llama import Cache, Llama
-from homer_ref.merging import merge
-from homer_ref.plan import HomerConfig, Node, Plan, plan
-from homer_ref.refinement import keep_slots
-from homer_ref.traversal import TRAVERSALS, LiveKV, depth_first, level_order
+from homer_ref.homer import reduction
+from homer_ref.homer.chunking import Chunk, make_leaf
+from homer_ref.homer.merging import merge
+from homer_ref.homer.plan import HomerConfig, Node, Plan, plan
+from homer_ref.homer.refinement import keep_slots
+from homer_ref.homer.traversal import TRAVERSALS, LiveKV, depth_first, level_order, simulate_live_kv
+from homer_ref.llama import Cache, Llama, LlamaConfig
 
 
 @dataclass
@@ -42,6 +42,7 @@ class NodeTrace:
     layers: tuple[int, int]  # [first, last) decoder layers run
     target: int
     input_positions: torch.Tensor  # [n] positions of its input slots
+    input_sources: torch.Tensor  # [n] prompt index of each input slot (prefix + context + suffix; `Plan.part`)
     scores: torch.Tensor | None  # [n] float32 significance at its last layer (+inf on affixes); None if no pruning
     kept: torch.Tensor  # [K] ascending indices into its input slots
     removed: torch.Tensor  # [n-K] ascending indices into its input slots
@@ -54,6 +55,7 @@ class HomerCache:
     keys: list[torch.Tensor]  # L x [Hkv, K, Dh], after RoPE
     values: list[torch.Tensor]  # L x [Hkv, K, Dh]
     positions: torch.Tensor  # [K] int64 position id of each slot
+    sources: torch.Tensor  # [K] int64 prompt index of each slot (prefix + context + suffix; `Plan.part`)
     logits: torch.Tensor  # [K, V] float32 (float64 for a float64 model); logits[-1] predicts the next token
     last_position: int  # position id of the last slot (the last suffix token)
     nodes: list[NodeTrace]  # in execution order
@@ -65,6 +67,14 @@ class HomerCache:
     def model_cache(self) -> Cache:
         """The cache in `Llama.forward_cached`'s layout: per layer (k, v) [1, Hkv, K, Dh]."""
         return [(k[None], v[None]) for k, v in zip(self.keys, self.values)]
+
+    def slot_sources(self) -> list[tuple[str, int]]:
+        """Which prompt token each final slot holds: ("prefix", i), ("context", i) or ("suffix", i)."""
+        return [self.plan.part(int(s)) for s in self.sources]
+
+    def node(self, level: int, index: int) -> NodeTrace:
+        """The trace of tree node (level, index): level 0 the leaves, `plan.H` the root."""
+        return next(t for t in self.nodes if (t.level, t.index) == (level, index))
 
 
 def check_bias(bias: torch.Tensor, num_layers: int, max_chunk_len: int) -> torch.Tensor:
@@ -83,6 +93,39 @@ def check_bias(bias: torch.Tensor, num_layers: int, max_chunk_len: int) -> torch
     return bias.to(torch.float32)
 
 
+def homer_bytes(cfg: LlamaConfig, p: Plan, traversal: str, itemsize: int) -> int:
+    """HOMER's prefill: its peak live KV (from the plan alone), one chunk's activations and the final logits."""
+    chunk = min(p.M, p.P + p.C + p.S)
+    return (
+        kv_bytes(cfg, max(simulate_live_kv(p, traversal)), itemsize)
+        + activation_bytes(cfg, chunk, itemsize)
+        + p.final_len * cfg.vocab_size * max(itemsize, 4)
+    )
+
+
+def check_inputs(
+    model: Llama, ids: tuple, config: HomerConfig, bias: torch.Tensor | None, traversal: str
+) -> tuple[list[list[int]], Plan, torch.Tensor | None]:
+    """Every check made before any work (ids, settings, bias, memory): the ids as lists, the plan, the bias."""
+    cfg, device = model.cfg, model.embed_tokens.weight.device
+    ids = [check_ids(x, cfg.vocab_size, name) for x, name in zip(ids, ("prefix_ids", "context_ids", "suffix_ids"))]
+    P, C, S = map(len, ids)
+    p = plan(cfg.num_hidden_layers, config, P, C, S)
+    if traversal not in TRAVERSALS:
+        raise ValueError(f"traversal must be one of {', '.join(TRAVERSALS)}, got {traversal!r}")
+    itemsize = model.embed_tokens.weight.element_size()
+    fix = "use a smaller max_chunk_len / target_len, a shorter context, or the depth_first traversal"
+    check_fits(homer_bytes(cfg, p, traversal, itemsize), f"HOMER on {P + C + S} tokens ({p.N} leaves)", fix, device)
+    if bias is not None:
+        return ids, p, check_bias(bias, cfg.num_hidden_layers, p.M).to(device)
+    if config.reduction == "calibrated" and (p.N > 1 or p.root.target < P + C + S):
+        raise ValueError(
+            "reduction='calibrated' needs a bias table (compute one with `python -m homer_ref.calibrate`), "
+            "or choose reduction='uncalibrated' or 'random'"
+        )
+    return ids, p, None
+
+
 @torch.no_grad()
 def homer_prefill(
     model: Llama,
@@ -94,64 +137,44 @@ def homer_prefill(
     traversal: str = "depth_first",
 ) -> HomerCache:
     """Compress prefix + context + suffix into a compact cache with HOMER."""
-    cfg = model.cfg
-    device = model.embed_tokens.weight.device
-    prefix_ids, context_ids, suffix_ids = (
-        check_ids(ids, cfg.vocab_size, name)
-        for ids, name in ((prefix_ids, "prefix_ids"), (context_ids, "context_ids"), (suffix_ids, "suffix_ids"))
+    (prefix_ids, context_ids, suffix_ids), p, bias = check_inputs(
+        model, (prefix_ids, context_ids, suffix_ids), config, bias, traversal
     )
-    P, C, S = len(prefix_ids), len(context_ids), len(suffix_ids)
-    p = plan(cfg.num_hidden_layers, config, P, C, S)
-    if traversal not in TRAVERSALS:
-        raise ValueError(f"traversal must be one of {', '.join(TRAVERSALS)}, got {traversal!r}")
-    itemsize = model.embed_tokens.weight.element_size()
-    fix = "use a smaller max_chunk_len / target_len, a shorter context, or the depth_first traversal"
-    check_fits(homer_bytes(cfg, p, traversal, itemsize), f"HOMER on {P + C + S} tokens ({p.N} leaves)", fix, device)
-    if bias is not None:
-        bias = check_bias(bias, cfg.num_hidden_layers, p.M).to(device)
-    elif config.reduction == "calibrated" and (p.N > 1 or p.root.target < P + C + S):
-        raise ValueError(
-            "reduction='calibrated' needs a bias table (compute one with `python -m homer_ref.calibrate`), "
-            "or choose reduction='uncalibrated' or 'random'"
-        )
+    device = model.embed_tokens.weight.device
     meter, traces = LiveKV(), []
 
-    def scores(node: Node, layer: int, last_logits: torch.Tensor, chunk: Chunk) -> torch.Tensor:
+    def significance(node: Node, layer: int, last_logits: torch.Tensor, chunk: Chunk) -> torch.Tensor:  # [n]
         if config.reduction == "random":
             return reduction.random_significance(config.seed, node.level, node.index, chunk.is_context)
         row = bias[layer] if config.reduction == "calibrated" else None
         return reduction.significance(last_logits, chunk.positions, chunk.is_context, row)
 
     def run_layers(node: Node, chunk: Chunk) -> Chunk:
-        """The node's block of layers; at its last layer, prune to the target between attention and MLP."""
-        input_positions, n = chunk.positions, len(chunk)
+        """The node's block of layers; at its last layer, prune to the target between attention and MLP (C.2)."""
+        inputs, n = chunk, len(chunk)
         first, last = node.layers
-        k = n - node.target
-        node_scores, removed = None, torch.empty(0, dtype=torch.long, device=device)
-        kept = torch.arange(n, device=device)
+        scores, kept, removed = None, torch.arange(n, device=device), torch.arange(0, device=device)
         for layer in range(first, last):
             h, keys, values, last_logits = model.attend(layer, chunk.h[None], chunk.positions)
             chunk.h = h[0]
             chunk.keys.append(keys[0])  # [Hkv, n, Dh]
             chunk.values.append(values[0])
             meter.observe(chunk)
-            if layer == last - 1 and k > 0:
-                node_scores = scores(node, layer, last_logits[0], chunk)  # [n]
-                removed = reduction.lowest(node_scores, k)
-                kept = torch.ones(n, dtype=torch.bool, device=device).index_fill(0, removed, False).nonzero().squeeze(1)
+            if layer == last - 1 and n > node.target:
+                scores = significance(node, layer, last_logits[0], chunk)
+                kept, removed = reduction.select(scores, n - node.target)
                 chunk = keep_slots(chunk, kept)  # propagative refinement (F)
             chunk.h = model.feed_forward(layer, chunk.h[None])[0]
-        traces.append(
-            NodeTrace(node.level, node.index, node.layers, node.target, input_positions, node_scores, kept, removed)
-        )
+        record = (node.level, node.index, node.layers, node.target, inputs.positions, inputs.sources)
+        traces.append(NodeTrace(*record, scores, kept, removed))
         return chunk
 
     def run_leaf(i: int) -> Chunk:
-        ids, positions, is_context = make_leaf(p, i, prefix_ids, context_ids, suffix_ids, device)
-        return run_layers(p.nodes[(0, i)], Chunk(model.embed_tokens(ids), positions, is_context))
+        leaf = make_leaf(p, i, prefix_ids, context_ids, suffix_ids, device)
+        return run_layers(p.nodes[(0, i)], Chunk(model.embed_tokens(leaf.ids), *leaf[1:]))
 
     walk = depth_first if traversal == "depth_first" else level_order
-    root = walk(p, run_leaf, run_layers, lambda a, b: merge(a, b, P, S), meter)
+    root = walk(p, run_leaf, run_layers, lambda a, b: merge(a, b, p.P, p.S), meter)
     logits = model.logits(root.h[None])[0]
     if not torch.isfinite(logits).all():  # reported, not handed on: NaN/Inf would poison every later step
         raise RuntimeError(
@@ -162,6 +185,7 @@ def homer_prefill(
         keys=root.keys,
         values=root.values,
         positions=root.positions,
+        sources=root.sources,
         logits=logits,
         last_position=int(root.positions[-1]),
         nodes=traces,

@@ -1,4 +1,4 @@
-"""Issue 8, the Python API: every bad input is refused with one exception whose one-line message names the problem.
+"""Errors from the Python API: every bad input is refused with one exception whose one-line message names the problem.
 
 One table per entry point — load_model (HF directories and llama2.c .bin), load_tokenizer / check_tokenizer,
 homer_prefill, decoding, calibration, load_bias, load_trace — plus NaN/Inf weights (detected at load, or
@@ -26,13 +26,13 @@ from helpers import ROOT
 from safetensors.torch import load_file, save_file
 
 from homer_ref import CheckpointError, budget, load_model, load_tokenizer
-from homer_ref.calibration import calibrate, calibrate_on_context, windows_from_ids
 from homer_ref.decoding import generate_plain
 from homer_ref.homer import continuation_logits, homer_generate, homer_prefill
+from homer_ref.homer.calibration import calibrate, calibrate_on_context, load_bias, windows_from_ids
+from homer_ref.homer.plan import HomerConfig
+from homer_ref.homer.prefill import homer_bytes
 from homer_ref.loading import check_tokenizer
-from homer_ref.plan import HomerConfig
 from homer_ref.testing import load_trace
-from homer_ref.trace import load_bias
 
 MHA = ROOT / "fixtures" / "models" / "mha"  # L=6, V=64, D=16, Hq=Hkv=4, Dh=4, F=32, trained context 64
 L, V = 6, 64
@@ -279,7 +279,7 @@ LOAD_MODEL = {
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("hardening-api")
+    return tmp_path_factory.mktemp("errors-api")
 
 
 @pytest.mark.parametrize("name", sorted(LOAD_MODEL))
@@ -501,7 +501,7 @@ def test_the_prefill_estimate_covers_the_measured_kv(model):
     """The estimate checked up front includes exactly the live KV the traversal then measures (plus more)."""
     for traversal in ("depth_first", "level_order"):
         cache = homer_prefill(model, **GOOD_IDS, config=GOOD_CONFIG, traversal=traversal)
-        estimate = budget.homer_bytes(model.cfg, cache.plan, traversal, 4)
+        estimate = homer_bytes(model.cfg, cache.plan, traversal, 4)
         assert budget.kv_bytes(model.cfg, cache.peak_kv_token_layers, 4) == cache.peak_kv_bytes
         assert estimate > cache.peak_kv_bytes
 

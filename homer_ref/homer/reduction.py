@@ -56,9 +56,9 @@ def random_significance(seed: int, level: int, index: int, is_context: torch.Ten
     return scores.masked_fill(~is_context, float("inf"))
 
 
-def lowest(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices [k] (ascending) of the k lowest scores, ties broken by the lower index."""
+def select(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(kept, removed): ascending slot indices, removing the k lowest scores, ties broken by the lower index."""
     if torch.isnan(scores).any():
         raise ValueError("significance scores contain NaN: the model's weights or the bias table hold NaN/Inf")
-    order = torch.sort(scores, stable=True).indices  # stable: equal scores keep index order
-    return order[:k].sort().values
+    order = torch.sort(scores, stable=True).indices  # stable: equal scores keep index order (N.2.3)
+    return order[k:].sort().values, order[:k].sort().values

@@ -85,7 +85,7 @@ def _read_file(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
 def _from_result(result) -> dict[str, np.ndarray]:
     """The trace tensors of a `homer_ref.homer.HomerCache` or of the NumPy oracle's result dict."""
     if not isinstance(result, dict):  # a HomerCache: the trace CLI's own conversion
-        from homer_ref.trace import trace_tensors
+        from homer_ref.testing.trace import trace_tensors
 
         return {k: _to_numpy(v) for k, v in trace_tensors(result, result.logits.dtype).items()}
     out = {

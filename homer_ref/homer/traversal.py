@@ -21,8 +21,8 @@ the finished chunks waiting for a sibling and of the chunk being processed (toke
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from homer_ref.chunking import Chunk
-from homer_ref.plan import Node, Plan
+from homer_ref.homer.chunking import Chunk
+from homer_ref.homer.plan import Node, Plan
 
 TRAVERSALS = ("depth_first", "level_order")
 

@@ -15,6 +15,8 @@ into one token, so `count_tokens` knows a text's length without a tokenizer.
 
 import random
 import re
+from dataclasses import dataclass
+from pathlib import Path
 
 FILLER = (
     "The river runs past the old mill .",
@@ -26,6 +28,9 @@ FILLER = (
     "The road turns left after the old bridge .",
     "Snow covers the fields and the quiet town .",
 )
+SHIPPED_MODEL = Path(__file__).resolve().parent.parent / "data" / "passkey_model"  # trained on this task
+ANSWER_ROOM = 8  # tokens a prompt leaves free below its length for the answer ("▁" + 5 digits + "▁." + EOS)
+ANSWER_TOKENS = 7  # tokens generated for an answer; the first integer in them is all that is scored
 INSTRUCTION = "Find the pass key in the text and remember it ."
 QUESTION = "What is the pass key ? The pass key is"
 PASSKEY_DIGITS = 5
@@ -118,3 +123,42 @@ def tokenizer_corpus(rng: random.Random, lines: int = 400) -> list[str]:
         prefix, context, suffix, passkey = make_sample(rng, 160, instruction=i % 2 == 0)
         out.append(" ".join(t for t in (prefix, context, suffix) if t) + answer_text(passkey))
     return out
+
+
+@dataclass
+class PasskeyPrompt:
+    """One sample as token ids, split as HOMER reads it, with where the answer sits in the context."""
+
+    prefix: list[int]
+    context: list[int]
+    suffix: list[int]
+    passkey: int
+    digit_slots: list[int]  # indices into `context` of the passkey's digit tokens (both copies)
+
+    @property
+    def ids(self) -> list[int]:
+        return self.prefix + self.context + self.suffix
+
+
+def passkey_prompts(tok, length: int, samples: int, seed: int, instruction: bool = False) -> list[PasskeyPrompt]:
+    """`samples` prompts of `length - ANSWER_ROOM` tokens, depths stratified over [0, 1], all seeded.
+
+    `tok` is a `homer_ref.Tokenizer`; the prefix is BOS (+ the instruction), the suffix the question.
+    """
+    prompts = []
+    for s in range(samples):
+        rng = random.Random(f"passkey:{seed}:{length}:{s}")
+        depth = (s + rng.random()) / samples
+        prefix, context, suffix, key = make_sample(rng, length - ANSWER_ROOM, depth, instruction)
+        context_ids = tok.encode(context, bos=False)
+        digits = {t for t in set(context_ids) if tok.decode([t]).strip().isdigit()}
+        prompts.append(
+            PasskeyPrompt(
+                tok.encode(prefix, bos=True) if prefix else [tok.bos_id],
+                context_ids,
+                tok.encode(suffix, bos=False),
+                key,
+                [i for i, t in enumerate(context_ids) if t in digits],
+            )
+        )
+    return prompts

@@ -1,0 +1,412 @@
+"""`python -m homer_ref.bench`: HOMER's memory and speed against plain inference, and our forward against HF.
+
+Everything is reported as ratios measured side by side in one run (shared CPU machines are noisy; absolute
+times are only meaningful on a quiet machine). Weights change neither memory nor time, so long inputs are
+measured on a random Llama of realistic depth, the *bench model*: 16 layers, D = 256, 8 heads, 4 KV heads,
+intermediate 688, vocabulary 8192 (~15M parameters).
+
+1. memory vs context length: live KV measured by the traversal (depth-first and level-order HOMER) against the
+   plain cache (P+C+S)*L, the G.2 bound, and the process's peak RSS growth during the prefill (each run in its own
+   subprocess); stories260K within its depth limit; the Llama-2-7B shape from the plan alone (simulated).
+2. time vs context length: HOMER prefill / plain prefill, in CPU seconds of the measuring process with one torch
+   thread by default (wall-clock ratios drift with whatever else the machine runs; CPU time much less). The
+   plain prefill runs the same layers over the whole prompt with torch's scaled_dot_product_attention (no
+   materialised T x T matrix) and computes the last token's logits only; HOMER computes the logits of its K
+   kept slots.
+3. our forward vs HF transformers' LlamaForCausalLM (sdpa) on the same weights, 512 and 2048 tokens, float32.
+4. operation counts: multiply-adds of HOMER vs plain prefill from the plan (attention and the rest apart).
+
+`--json` prints one JSON object (with peak_kv_ratio_16k, time_ratio_16k, forward_time_ratio_vs_hf);
+`--markdown` prints the README's tables.
+"""
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from homer_ref.budget import check_fits, plain_bytes
+from homer_ref.cli.common import progress, run_main
+from homer_ref.homer import homer_prefill
+from homer_ref.homer.plan import HomerConfig, Plan, plan
+from homer_ref.homer.traversal import g2_bound, plain_kv, simulate_live_kv
+from homer_ref.llama import Llama, LlamaConfig
+
+BENCH = LlamaConfig(
+    vocab_size=8192,
+    hidden_size=256,
+    intermediate_size=688,
+    num_hidden_layers=16,
+    num_attention_heads=8,
+    num_key_value_heads=4,
+    head_dim=32,
+    max_position_embeddings=1024,
+)
+LLAMA2_7B = LlamaConfig(32000, 4096, 11008, 32, 32, 32, 128, max_position_embeddings=4096)
+P_BENCH = S_BENCH = 16
+STORIES = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "stories260K" / "stories260K.bin"
+
+
+def random_model(cfg: LlamaConfig, seed: int = 0) -> Llama:
+    """A Llama with seeded random weights (std 0.02, norms 1) — enough for memory and time."""
+    torch.manual_seed(seed)
+    model = Llama(cfg).eval().requires_grad_(False)
+    for name, p in model.named_parameters():
+        if "norm" not in name:
+            p.normal_(0.0, 0.02)
+    return model
+
+
+def input_ids(cfg: LlamaConfig, n: int, seed: int = 0) -> tuple[list[int], list[int], list[int]]:
+    """(prefix, context, suffix) of n tokens in all, P = S = 16."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, cfg.vocab_size, (n,), generator=g).tolist()
+    return ids[:P_BENCH], ids[P_BENCH : n - S_BENCH], ids[n - S_BENCH :]
+
+
+@torch.no_grad()
+def plain_prefill(model: Llama, ids: list[int]) -> torch.Tensor:
+    """The plain forward over the whole prompt, keeping the full cache; returns the last token's logits."""
+    needed = plain_bytes(model.cfg, len(ids), 0, model.embed_tokens.weight.element_size())
+    check_fits(needed, f"the plain prefill of {len(ids)} tokens", "benchmark shorter lengths (--quick)")
+    h = model.embed_tokens(torch.tensor([ids]))
+    positions = torch.arange(len(ids))
+    cache = []
+    for layer in range(model.cfg.num_hidden_layers):
+        h, k, v, _ = model.attend(layer, h, positions)
+        cache.append((k, v))
+        h = model.feed_forward(layer, h)
+    return model.logits(h[:, -1:])[0, -1]
+
+
+def _rss_kib() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+
+
+def measure_one(model_name: str, mode: str, n: int, M: int) -> dict:
+    """One prefill (in this process): time, live KV (token-layers) and peak-RSS growth."""
+    model = random_model(BENCH) if model_name == "bench" else _stories()
+    cfg = model.cfg
+    prefix, context, suffix = input_ids(cfg, n)
+    config = HomerConfig(M, M, 0, "uncalibrated")
+    warm = input_ids(cfg, 2 * M)  # warm up kernels on a small input first
+    homer_prefill(model, *warm, config)
+    rss0, cpu, wall, live = _rss_kib(), [], [], 0
+    while len(cpu) < 3 and sum(wall) < 2.0:  # short runs are repeated (best of up to 3); long ones run once
+        c0, w0 = time.process_time(), time.perf_counter()
+        if mode == "plain":
+            plain_prefill(model, prefix + context + suffix)
+            live = n * cfg.num_hidden_layers
+        else:
+            traversal = "depth_first" if mode == "homer_depth_first" else "level_order"
+            live = homer_prefill(model, prefix, context, suffix, config, traversal=traversal).peak_kv_token_layers
+        cpu.append(time.process_time() - c0)
+        wall.append(time.perf_counter() - w0)
+    return {
+        "mode": mode,
+        "length": n,
+        "seconds": min(cpu),  # CPU time of this process: robust to other load on a shared machine
+        "wall_seconds": min(wall),
+        "live_kv": live,
+        "rss_growth_mib": (_rss_kib() - rss0) / 1024,
+    }
+
+
+def _stories() -> Llama:
+    from homer_ref.loading import load_model
+
+    return load_model(STORIES)
+
+
+def measure(model_name: str, mode: str, n: int, M: int) -> dict:
+    """`measure_one` in a fresh subprocess (same torch thread count), so that its peak RSS is its own."""
+    cmd = [sys.executable, "-m", "homer_ref.bench", "--threads", str(torch.get_num_threads())]
+    cmd += ["--one", model_name, mode, str(n), str(M)]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if out.returncode != 0:
+        raise RuntimeError(f"benchmark subprocess failed: {out.stderr.strip().splitlines()[-1:]}")
+    return json.loads(out.stdout)
+
+
+# ----------------------------------------------------------------------------------------------- counts
+
+
+def macs(cfg: LlamaConfig, p: Plan) -> dict[str, float]:
+    """Multiply-adds of HOMER's prefill and of the plain prefill, attention (QK^T and PV) apart from the rest."""
+    D, F, Hq, Hkv, Dh = (
+        cfg.hidden_size,
+        cfg.intermediate_size,
+        cfg.num_attention_heads,
+        cfg.num_key_value_heads,
+        cfg.head_dim,
+    )
+    proj = D * (Hq + 2 * Hkv) * Dh + Hq * Dh * D  # q, k, v, o per token
+    mlp = 3 * D * F
+
+    def attention(n: int) -> float:  # causal: n(n+1)/2 query-key pairs, twice (scores and weighted sum)
+        return 2 * Hq * Dh * n * (n + 1) / 2
+
+    n_plain = p.P + p.C + p.S
+    plain = {
+        "attention": cfg.num_hidden_layers * attention(n_plain),
+        "other": cfg.num_hidden_layers * n_plain * (proj + mlp),
+    }
+    homer = {"attention": 0.0, "other": 0.0}
+    for node in p.nodes.values():
+        n, (first, last) = p.input_len(node), node.layers
+        kept = min(n, node.target)
+        homer["attention"] += (last - first) * attention(n)
+        homer["other"] += (last - first) * n * proj + ((last - first - 1) * n + kept) * mlp
+    return {
+        "plain_attention": plain["attention"],
+        "plain_other": plain["other"],
+        **{f"homer_{k}": v for k, v in homer.items()},
+    }
+
+
+# ----------------------------------------------------------------------------------------------- suites
+
+
+def forward_vs_hf(lengths: list[int], repeats: int) -> list[dict]:
+    """Time our forward and HF's LlamaForCausalLM on the same weights, alternating, median of `repeats`."""
+    try:
+        from transformers import LlamaForCausalLM
+    except ImportError:
+        progress("bench: transformers is not installed (pip install -e '.[test]'); skipping the HF comparison")
+        return []
+    from homer_ref.loading import save_hf
+
+    model = random_model(BENCH)
+    with tempfile.TemporaryDirectory() as tmp:
+        save_hf(model, tmp)
+        hf = LlamaForCausalLM.from_pretrained(tmp, attn_implementation="sdpa", torch_dtype=torch.float32).eval()
+    rows = []
+    for n in lengths:
+        x = torch.randint(3, BENCH.vocab_size, (1, n), generator=torch.Generator().manual_seed(n))
+        ours_t, hf_t = [], []
+        with torch.no_grad():
+            ours_logits, hf_logits = model(x), hf(x, use_cache=False).logits  # warm-up, and a correctness check
+            delta = (ours_logits - hf_logits).abs().max().item()
+            for _ in range(repeats):
+                t = time.process_time()
+                model(x)
+                ours_t.append(time.process_time() - t)
+                t = time.process_time()
+                hf(x, use_cache=False)
+                hf_t.append(time.process_time() - t)
+        ours_s, hf_s = sorted(ours_t)[repeats // 2], sorted(hf_t)[repeats // 2]
+        rows.append({"length": n, "ours_s": ours_s, "hf_s": hf_s, "ratio": ours_s / hf_s, "max_abs_logit_diff": delta})
+        progress(f"bench: forward {n} tokens: homer_ref {ours_s:.3f} s, HF {hf_s:.3f} s, ratio {ours_s / hf_s:.2f}")
+    return rows
+
+
+def memory_and_time(lengths: list[int], M: int, model_name: str) -> list[dict]:
+    cfg = BENCH if model_name == "bench" else _stories().cfg
+    rows = []
+    for n in lengths:
+        row = {"model": model_name, "length": n, "M": M}
+        for mode in ("plain", "homer_depth_first", "homer_level_order"):
+            r = measure(model_name, mode, n, M)
+            row[f"{mode}_s"], row[f"{mode}_kv"], row[f"{mode}_rss_mib"] = (
+                r["seconds"],
+                r["live_kv"],
+                r["rss_growth_mib"],
+            )
+        p = plan(cfg.num_hidden_layers, HomerConfig(M, M, 0), P_BENCH, n - P_BENCH - S_BENCH, S_BENCH)
+        row["g2_bound"] = g2_bound(p)
+        row["plain_kv_expected"] = plain_kv(p)
+        row["peak_kv_ratio"] = row["homer_depth_first_kv"] / row["plain_kv"]
+        row["level_order_kv_ratio"] = row["homer_level_order_kv"] / row["plain_kv"]
+        row["g2_ratio"] = row["g2_bound"] / row["plain_kv"]
+        row["time_ratio"] = row["homer_depth_first_s"] / row["plain_s"]
+        counts = macs(cfg, p)
+        row["macs_ratio"] = (counts["homer_attention"] + counts["homer_other"]) / (
+            counts["plain_attention"] + counts["plain_other"]
+        )
+        row["macs"] = counts
+        rows.append(row)
+        progress(
+            f"bench: {model_name} {n} tokens: live KV depth-first {row['peak_kv_ratio']:.3f}x plain, level-order "
+            f"{row['level_order_kv_ratio']:.3f}x, G.2 {row['g2_ratio']:.3f}x; time {row['time_ratio']:.2f}x plain "
+            f"(MACs {row['macs_ratio']:.2f}x)"
+        )
+    return rows
+
+
+def llama2_7b_shape(lengths: list[int]) -> list[dict]:
+    """Depth-first live KV of Llama-2-7B's shape (L=32, W=12, M=T=2048, P=S=100) from the plan alone."""
+    rows = []
+    for n in lengths:
+        p = plan(32, HomerConfig(2048, 2048, 12), 100, n - 200, 100)
+        peak = max(simulate_live_kv(p, "depth_first"))
+        level = max(simulate_live_kv(p, "level_order"))
+        full = plain_kv(p)
+        gib = 16 / 1024 / 1024  # 16 KiB per token-layer in fp16 K+V for Llama-2-7B
+        rows.append(
+            {
+                "length": n,
+                "leaves": p.N,
+                "full_kv": full,
+                "depth_first_kv": peak,
+                "level_order_kv": level,
+                "g2_bound": g2_bound(p),
+                "depth_first_ratio": peak / full,
+                "full_gib": full * gib,
+                "depth_first_gib": peak * gib,
+            }
+        )
+    return rows
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
+
+
+def text_plot(rows: list[dict], width: int = 60) -> list[str]:
+    """Bars of live KV per length: '#' depth-first HOMER, '=' level-order HOMER, '.' plain."""
+    scale = width / max(r["plain_kv"] for r in rows)
+    lines = []
+    for r in rows:
+        for mark, key in (("#", "homer_depth_first_kv"), ("=", "homer_level_order_kv"), (".", "plain_kv")):
+            label = f"{r['length']:>6}" if mark == "#" else " " * 6
+            lines.append(f"{label} {mark * max(1, round(r[key] * scale)):<{width}} {r[key]:>9,}")
+    return lines
+
+
+def markdown(result: dict) -> str:
+    """The README's results tables."""
+    out = [
+        f"Machine: {result['machine']}. Command: `python -m homer_ref.bench --markdown` ({result['total_s']:.0f} s).",
+        "",
+    ]
+    out += [
+        "**Bench model** (16 layers, D=256, 8 heads / 4 KV heads, random weights), M = T = 512, P = S = 16, W = 0:",
+        "",
+    ]
+    header = ["tokens", "live KV depth-first / plain", "level-order / plain", "G.2 bound / plain"]
+    header += ["peak RSS growth plain / HOMER (MiB)", "time HOMER / plain", "MACs HOMER / plain"]
+    rows = [
+        [
+            str(r["length"]),
+            f"{r['peak_kv_ratio']:.3f}",
+            f"{r['level_order_kv_ratio']:.3f}",
+            f"{r['g2_ratio']:.3f}",
+            f"{r['plain_rss_mib']:.0f} / {r['homer_depth_first_rss_mib']:.0f}",
+            f"{r['time_ratio']:.2f}",
+            f"{r['macs_ratio']:.2f}",
+        ]
+        for r in result["memory"]
+    ]
+    out += _table(header, rows)
+    out += [
+        "",
+        "Live KV against context length (bench model; one character = 1/60 of the plain cache at the longest):",
+        "",
+    ]
+    out += ["```"] + text_plot(result["memory"]) + ["```"]
+    if result["stories"]:
+        out += ["", "**stories260K** (5 layers), M = T = 512, within its depth limit:", ""]
+        header = ["tokens", "live KV depth-first / plain", "level-order / plain", "time HOMER / plain"]
+        rows = [
+            [
+                str(r["length"]),
+                f"{r['peak_kv_ratio']:.3f}",
+                f"{r['level_order_kv_ratio']:.3f}",
+                f"{r['time_ratio']:.2f}",
+            ]
+            for r in result["stories"]
+        ]
+        out += _table(header, rows)
+    out += [
+        "",
+        "**Llama-2-7B shape** (L=32, W=12, M=T=2048, P=S=100), from the plan (fp16 K+V, 16 KiB per token-layer):",
+        "",
+    ]
+    header = ["tokens", "leaves", "full cache GiB", "depth-first peak GiB", "depth-first / full", "level-order / full"]
+    rows = [
+        [
+            str(r["length"]),
+            str(r["leaves"]),
+            f"{r['full_gib']:.2f}",
+            f"{r['depth_first_gib']:.2f}",
+            f"{r['depth_first_ratio']:.3f}",
+            f"{r['level_order_kv'] / r['full_kv']:.3f}",
+        ]
+        for r in result["llama2_7b"]
+    ]
+    out += _table(header, rows)
+    if result["forward_vs_hf"]:
+        out += ["", "**Forward pass, homer_ref vs HF transformers** (bench model, float32, median):", ""]
+        header = ["tokens", "homer_ref s", "HF s", "ratio", "max abs logit diff"]
+        rows = [
+            [
+                str(r["length"]),
+                f"{r['ours_s']:.3f}",
+                f"{r['hf_s']:.3f}",
+                f"{r['ratio']:.2f}",
+                f"{r['max_abs_logit_diff']:.1e}",
+            ]
+            for r in result["forward_vs_hf"]
+        ]
+        out += _table(header, rows)
+    return "\n".join(out)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m homer_ref.bench", description="HOMER memory/speed benchmarks, as ratios."
+    )
+    p.add_argument("--json", action="store_true", help="print one JSON object with every measurement")
+    p.add_argument("--markdown", action="store_true", help="print the README's results tables")
+    p.add_argument("--quick", action="store_true", help="short lengths only (a smoke run, not the README figures)")
+    p.add_argument(
+        "--threads", type=int, default=1, help="torch threads (default 1: CPU times stay comparable under load)"
+    )
+    p.add_argument("--one", nargs=4, metavar=("MODEL", "MODE", "N", "M"), help=argparse.SUPPRESS)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.one:
+        model_name, mode, n, M = args.one
+        if model_name not in ("bench", "stories") or mode not in ("plain", "homer_depth_first", "homer_level_order"):
+            raise ValueError(f"--one: unknown model {model_name!r} or mode {mode!r} (an internal option of bench)")
+        print(json.dumps(measure_one(model_name, mode, int(n), int(M))))
+        return 0
+    t0 = time.perf_counter()
+    lengths = [1024, 2048] if args.quick else [1024, 2048, 4096, 8192, 16384]
+    result = {
+        "machine": f"{os.cpu_count()} CPU cores, torch {torch.__version__}, {torch.get_num_threads()} thread(s); "
+        "times are CPU seconds of the measuring process",
+        "memory": memory_and_time(lengths, 512, "bench"),
+        "stories": memory_and_time([1024, 2048, 4096] if not args.quick else [1024], 512, "stories")
+        if STORIES.is_file()
+        else [],
+        "llama2_7b": llama2_7b_shape([4096, 8192, 16384, 32768, 65536]),
+        "forward_vs_hf": forward_vs_hf([512] if args.quick else [512, 2048], 3 if args.quick else 5),
+    }
+    last = result["memory"][-1]
+    result["peak_kv_ratio_16k" if not args.quick else "peak_kv_ratio_last"] = last["peak_kv_ratio"]
+    result["time_ratio_16k" if not args.quick else "time_ratio_last"] = last["time_ratio"]
+    hf_rows = [r for r in result["forward_vs_hf"] if r["length"] == 2048] or result["forward_vs_hf"]
+    result["forward_time_ratio_vs_hf"] = hf_rows[-1]["ratio"] if hf_rows else None
+    result["total_s"] = time.perf_counter() - t0
+    if args.json:
+        print(json.dumps(result))
+    if args.markdown or not args.json:
+        print(markdown(result))
+    return 0
+
+
+def entry() -> None:
+    """`python -m homer_ref.bench` and the `homer-bench` console script."""
+    sys.exit(run_main(main))

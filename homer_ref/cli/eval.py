@@ -1,0 +1,474 @@
+"""`python -m homer_ref.eval`: passkey retrieval and long-text perplexity, plain vs RoPE scaling vs HOMER.
+
+    python -m homer_ref.eval passkey [--lengths 1,2,4,8] [--modes plain,linear,...] [--samples 50] [--json]
+    python -m homer_ref.eval perplexity --model DIR_OR_BIN [--tokenizer FILE] [--json]
+
+Results go to stdout (a table, or with --json one JSON object per line with at least `task`, `mode`, `length`,
+`trained_context` and `accuracy` or `perplexity`); progress goes to stderr.
+
+Modes (the paper's baselines, HOMER_SPEC.md J, and its ablation of the pruning criterion, J.5):
+    plain                plain inference past the trained context
+    linear, dynamic, yarn  plain inference with RoPE scaling (position interpolation, dynamic NTK, YaRN), the
+                         factor being the length as a multiple of the trained context (no scaling at 1x)
+    homer                HOMER with the calibrated significance (bias table from the model directory or --bias)
+    homer-uncalibrated   HOMER without the bias
+    homer-random         HOMER pruning random tokens (seeded)
+    homer-no-pruning     (passkey only) a diagnostic, not HOMER: the chunks merge without pruning anything, so a
+                         failure here is caused by the merging (chunk-local lower layers, overlapping positions)
+    sliding              (perplexity only) a sliding window of the trained context
+
+Passkey (HOMER_SPEC.md H.3): prompts from `homer_ref.passkey` (BOS | filler with the passkey sentence at a
+stratified random depth | question), `length` tokens in all minus room for the answer; greedy decoding; correct
+when the first integer of the output is the passkey. The same prompts are used for every mode. HOMER gets
+prefix = BOS, context = the filler, suffix = the question, and by default M = T = the trained context minus the
+answer's room, so that every generated position stays inside the trained context. For HOMER rows, `digits_kept`
+is the fraction of the passkey's digit tokens (both copies) still in the final cache and `copy_kept` the fraction
+of samples that kept at least one complete copy: read from HOMER's trace, they tell a pruning failure from a
+reading failure (`--explain` prints, per tree node, where a failed sample lost its digits).
+
+Perplexity (HOMER_SPEC.md H.2, the official protocol at this model's scale): with ev = the segment length
+(default M = trained context / 2), the first 2·ev tokens are scored by one plain forward; then for each
+end = 2·ev, 3·ev, ...: prefix = the first P tokens, suffix = the S tokens before `end`, context = everything
+between, compressed by HOMER; the tokens [end, end+ev) are fed after the compact cache and each logit scores
+the next token. Every token from 1 to the end is predicted once. Only the parts that score tokens inside
+[--score-from, --score-to) are computed. Without --text the document is sampled from the model itself (stories
+of at most the trained context, each from BOS, seeded, concatenated). Without --bias the `homer` mode
+calibrates on the document's first 2·ev tokens, which every scored token has already seen.
+"""
+
+import argparse
+import json
+import math
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from homer_ref.cli.common import DTYPES, progress, run_main, set_threads_for
+from homer_ref.decoding import decode
+from homer_ref.homer import HomerCache, continuation_logits, homer_generate, homer_prefill
+from homer_ref.homer.calibration import BIAS_FILE, calibrate_on_context, find_bias
+from homer_ref.homer.plan import HomerConfig
+from homer_ref.llama import Llama, RopeScaling
+from homer_ref.loading import Tokenizer, check_tokenizer, load_model, load_tokenizer
+from homer_ref.tasks import passkey
+
+ROPE_MODES = ("plain", "linear", "dynamic", "yarn")
+HOMER_MODES = {
+    "homer": "calibrated",
+    "homer-uncalibrated": "uncalibrated",
+    "homer-random": "random",
+    "homer-no-pruning": "none",  # a diagnostic, not HOMER: merging alone, nothing pruned
+}
+PASSKEY_MODES = ROPE_MODES + tuple(HOMER_MODES)
+PERPLEXITY_MODES = ROPE_MODES + ("sliding",) + tuple(m for m in HOMER_MODES if m != "homer-no-pruning")
+
+
+# ----------------------------------------------------------------------------------------------- shared
+
+
+def rope_scaled(model: Llama, mode: str, factor: float) -> Llama:
+    """The same weights with RoPE scaling `mode` (linear | dynamic | yarn) by `factor`; `model` itself if none."""
+    if mode == "plain" or factor <= 1:
+        return model
+    trained = model.cfg.max_position_embeddings
+    scaling = RopeScaling(mode, factor=float(factor), original_max_position_embeddings=trained)
+    cfg = replace(model.cfg, rope_scaling=scaling)
+    with torch.device("meta"):
+        scaled = Llama(cfg)
+    scaled.load_state_dict(model.state_dict(), assign=True)
+    if cfg.tie_word_embeddings:
+        scaled.lm_head.weight = scaled.embed_tokens.weight
+    return scaled.eval().requires_grad_(False)
+
+
+def parse_list(text: str, kind, name: str) -> list:
+    try:
+        values = [kind(v) for v in text.split(",") if v.strip()]
+    except ValueError as e:
+        raise ValueError(f"--{name}: expected a comma-separated list, got {text!r}") from e
+    if not values:
+        raise ValueError(f"--{name}: empty list")
+    return values
+
+
+def parse_modes(text: str, allowed: tuple[str, ...], name: str = "modes") -> list[str]:
+    modes = parse_list(text, str, name)
+    bad = [m for m in modes if m not in allowed]
+    if bad:
+        raise ValueError(f"--{name}: unknown mode {bad[0]!r}; choose from {', '.join(allowed)}")
+    return list(dict.fromkeys(modes))
+
+
+class Emitter:
+    """Results: one JSON object per line (--json), or a table at the end; both on stdout."""
+
+    def __init__(self, as_json: bool):
+        self.as_json, self.rows = as_json, []
+
+    def emit(self, row: dict) -> None:
+        self.rows.append(row)
+        if self.as_json:
+            print(json.dumps(row), flush=True)
+
+    def finish(self, metric: str) -> None:
+        if self.as_json or not self.rows:
+            return
+        lengths = sorted({r["length"] for r in self.rows})
+        modes = list(dict.fromkeys(r["mode"] for r in self.rows))
+        trained = self.rows[0]["trained_context"]
+        cell = {(r["mode"], r["length"]): r[metric] for r in self.rows}
+        head = "| mode | " + " | ".join(f"{n} ({n / trained:g}x)" for n in lengths) + " |"
+        print(f"{self.rows[0]['task']}: {metric}, trained context {trained}")
+        print(head)
+        print("|---|" + "---:|" * len(lengths))
+        for mode in modes:
+            values = [cell.get((mode, n)) for n in lengths]
+            text = ["—" if v is None else (f"{100 * v:.1f}%" if metric == "accuracy" else f"{v:.3f}") for v in values]
+            print(f"| {mode} | " + " | ".join(text) + " |")
+
+
+# ----------------------------------------------------------------------------------------------- passkey
+
+
+@torch.no_grad()
+def greedy_batch(model: Llama, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+    """Greedy continuations of prompts that all have the same length, decoded as one batch."""
+    x = torch.tensor(prompts, device=model.embed_tokens.weight.device)  # [B, T]
+    T = x.shape[1]
+    logits, cache = model.forward_cached(x)
+    out = []
+    for t in range(max_new_tokens):
+        token = logits[:, -1].argmax(-1)  # [B]: the first maximum, as `decoding.sample_next`
+        out.append(token)
+        if t < max_new_tokens - 1:
+            logits, cache = model.forward_cached(token[:, None], torch.tensor([T + t], device=x.device), cache)
+    return torch.stack(out, dim=1).tolist()
+
+
+def surviving_context(cache: HomerCache) -> list[int]:
+    """Indices into the context of the context tokens held by HOMER's final cache."""
+    return [i for part, i in cache.slot_sources() if part == "context"]
+
+
+def explain(cache: HomerCache, prompt: passkey.PasskeyPrompt) -> str:
+    """Which passkey digits each tree node kept: a readable account of where a HOMER sample lost the passkey."""
+    digits = set(prompt.digit_slots)
+    lines = []
+    for t in cache.nodes:  # execution order: a node's children come before it
+        parts = [cache.plan.part(int(s)) for s in t.input_sources]
+        held = [j for j, (part, i) in enumerate(parts) if part == "context" and i in digits]
+        if not held:
+            continue
+        lost = sorted(set(held) - set(t.kept.tolist()))
+        ranks = ""
+        if t.scores is not None and lost:
+            order = torch.argsort(t.scores, descending=True).tolist()  # rank 0: the most significant
+            rank = {j: r for r, j in enumerate(order)}
+            ranks = " ranks " + ",".join(str(rank[j]) for j in lost) + f" of {len(parts)} (kept {len(t.kept)})"
+        lines.append(
+            f"    node L{t.level}.{t.index} layers {t.layers[0]}-{t.layers[1] - 1}: digits {len(held)} in, "
+            f"{len(held) - len(lost)} kept{ranks}"
+        )
+    return "\n".join(lines)
+
+
+def passkey_homer(args, model: Llama, tok: Tokenizer, prompts, mode: str, M: int, bias) -> dict:
+    """HOMER on every prompt: accuracy, and from the trace how many passkey digits survived (a pruning failure
+    loses them; a reading failure keeps a complete copy and still answers wrong)."""
+    config = HomerConfig(M, args.target_len, args.warmup_layers, HOMER_MODES[mode], args.seed)
+    correct, kept_fraction, copies = 0, 0.0, 0
+    for i, prompt in enumerate(prompts):
+        cache = homer_prefill(model, prompt.prefix, prompt.context, prompt.suffix, config, bias=bias)
+        ok = passkey.score(tok.decode(homer_generate(model, cache, passkey.ANSWER_TOKENS)), prompt.passkey)
+        correct += ok
+        kept = set(surviving_context(cache)) & set(prompt.digit_slots)
+        kept_fraction += len(kept) / max(1, len(prompt.digit_slots))
+        half = len(prompt.digit_slots) // 2
+        copies += any(set(c) <= kept for c in (prompt.digit_slots[:half], prompt.digit_slots[half:]))
+        if args.explain and not ok:
+            progress(f"  {mode}: sample {i} (passkey {prompt.passkey}) failed\n{explain(cache, prompt)}")
+        if (i + 1) % args.progress_every == 0:
+            progress(f"  {mode}: {i + 1}/{len(prompts)} correct {correct}")
+    n = len(prompts)
+    return {"correct": correct, "max_chunk_len": M, "target_len": args.target_len or M}  | {
+        "warmup_layers": args.warmup_layers, "digits_kept": kept_fraction / n, "copy_kept": copies / n
+    }  # fmt: skip
+
+
+def passkey_rope(args, model: Llama, tok: Tokenizer, prompts, mode: str, factor: float) -> dict:
+    """Plain inference (with RoPE scaling `mode` by `factor`) on every prompt, equal lengths batched together."""
+    scaled = rope_scaled(model, mode, factor)
+    groups: dict[int, list[passkey.PasskeyPrompt]] = {}
+    for prompt in prompts:
+        groups.setdefault(len(prompt.ids), []).append(prompt)
+    correct, done = 0, 0
+    for group in groups.values():
+        for start in range(0, len(group), args.batch_size):
+            batch = group[start : start + args.batch_size]
+            outputs = greedy_batch(scaled, [p.ids for p in batch], passkey.ANSWER_TOKENS)
+            correct += sum(passkey.score(tok.decode(o), p.passkey) for o, p in zip(outputs, batch))
+            done += len(batch)
+            progress(f"  {mode}: {done}/{len(prompts)} correct {correct}")
+    return {"correct": correct} | ({} if mode == "plain" else {"rope_factor": max(1.0, factor)})
+
+
+def run_passkey(args) -> int:
+    model_path = Path(args.model)
+    model = load_model(model_path, dtype=DTYPES[args.dtype])
+    tok = load_tokenizer(args.tokenizer or model_path)
+    check_tokenizer(tok, model.cfg)
+    set_threads_for(model)
+    trained = model.cfg.max_position_embeddings
+    lengths = parse_list(args.lengths, float, "lengths")
+    modes = parse_modes(args.modes, PASSKEY_MODES)
+    # M leaves room for the answer, as the prompt does: every generated position stays inside the trained context.
+    M = args.max_chunk_len or trained - passkey.ANSWER_ROOM
+    bias, bias_source = find_bias(model_path, M, args.bias) if "homer" in modes else (None, "")
+    if "homer" in modes and bias is None:
+        raise ValueError(
+            f"mode 'homer' needs a calibration table: none beside {model_path} and no --bias; compute one with "
+            "`python -m homer_ref.calibrate` or use the modes homer-uncalibrated / homer-random"
+        )
+    out = Emitter(args.json)
+    progress(
+        f"passkey: model {model_path} (trained context {trained}), lengths {args.lengths} x {trained}, "
+        f"modes {','.join(modes)}, {args.samples} samples, seed {args.seed}, HOMER M={M} T={args.target_len or M} "
+        f"W={args.warmup_layers}" + (f", bias {bias_source}" if bias_source else "")
+    )
+    for multiple in lengths:
+        length = round(multiple * trained)
+        prompts = passkey.passkey_prompts(tok, length, args.samples, args.seed, args.instruction)
+        for mode in modes:
+            t0 = time.perf_counter()
+            if mode in HOMER_MODES:
+                result = passkey_homer(args, model, tok, prompts, mode, M, bias if mode == "homer" else None)
+            else:
+                result = passkey_rope(args, model, tok, prompts, mode, length / trained)
+            row = {"task": "passkey", "mode": mode, "length": length, "trained_context": trained}
+            row |= {"accuracy": result["correct"] / len(prompts), "samples": len(prompts), "seed": args.seed}
+            row |= result | {"seconds": round(time.perf_counter() - t0, 2)}
+            progress(
+                f"passkey {mode} {length} ({length / trained:g}x): accuracy {row['accuracy']:.3f} in {row['seconds']} s"
+            )
+            out.emit(row)
+    out.finish("accuracy")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------- perplexity
+
+
+@torch.no_grad()
+def sample_document(model: Llama, n_tokens: int, seed: int, bos: int, stop: tuple[int, ...]) -> list[int]:
+    """A text of `n_tokens` ids sampled from the model itself: stories from BOS, each within the trained context."""
+    ids, story = [], 0
+    trained = model.cfg.max_position_embeddings
+    while len(ids) < n_tokens:
+        logits, cache = model.forward_cached(torch.tensor([[bos]], device=model.embed_tokens.weight.device))
+        new = decode(
+            model, logits[0, -1], cache, 1, trained - 1, temperature=1.0, seed=seed * 100003 + story, stop_ids=stop
+        )
+        ids += [bos] + [t for t in new if t not in stop]
+        story += 1
+    return ids[:n_tokens]
+
+
+def nll_of(logits: torch.Tensor, targets: list[int]) -> torch.Tensor:
+    """Per-token negative log-likelihood [T] (float64) of `targets` under logits [T, V]."""
+    target = torch.tensor(targets, device=logits.device)
+    return F.cross_entropy(logits.to(torch.float64), target, reduction="none")
+
+
+def perplexity_nll(args, model: Llama, ids: list[int], mode: str, bias, lo: int, hi: int) -> dict[int, float]:
+    """NLL of every scored target token t in [lo, hi) (t >= 1), keyed by t, for one mode."""
+    device = model.embed_tokens.weight.device
+    trained = model.cfg.max_position_embeddings
+    n = len(ids)
+    scored: dict[int, float] = {}
+
+    def score(first_target: int, logits: torch.Tensor) -> None:  # logits[j] predicts token first_target + j
+        targets = range(first_target, min(first_target + logits.shape[0], n))
+        wanted = [t for t in targets if lo <= t < hi]
+        if wanted:
+            rows = torch.tensor([t - first_target for t in wanted], device=device)
+            for t, v in zip(wanted, nll_of(logits[rows], [ids[t] for t in wanted]).tolist()):
+                scored[t] = v
+
+    def forward(start: int, stop: int, m: Llama = model) -> torch.Tensor:
+        return m(torch.tensor([ids[start:stop]], device=device))[0]
+
+    if mode in ROPE_MODES:
+        score(1, forward(0, n, rope_scaled(model, mode, n / trained)))
+    elif mode == "sliding":
+        W = args.window or trained
+        stride = args.stride or W // 2
+        score(1, forward(0, min(W, n)))  # the first window scores its own tokens
+        covered = min(W, n)  # targets 1..covered are scored
+        while covered < n - 1:  # then each window, `stride` further, scores the targets it adds
+            stop = min(covered + stride, n)
+            start = max(0, stop - W)
+            if covered + 1 < hi and stop >= lo:
+                score(covered + 1, forward(start, stop)[covered - start :])
+            covered = stop
+    else:  # the HOMER settings were resolved once, by `run_perplexity`
+        M, ev, P = args.max_chunk_len, args.segment_len, args.affix_len
+        S = P
+        config = HomerConfig(M, args.target_len, args.warmup_layers, HOMER_MODES[mode], args.seed)
+        if lo <= 2 * ev:
+            score(1, forward(0, min(2 * ev, n)))  # the official protocol scores the first 2*ev tokens plainly
+        for end in range(2 * ev, n, ev):  # the part fed [end, end+ev) scores targets end+1 .. end+ev
+            if end + 1 >= hi:
+                break
+            if end + ev < lo:
+                continue
+            cache = homer_prefill(model, ids[:P], ids[P : end - S], ids[end - S : end], config, bias=bias)
+            score(end + 1, continuation_logits(model, cache, ids[end : end + ev]))
+            progress(f"  {mode}: segment [{end}, {min(end + ev, n)}) of {n}: {len(cache.positions)} cached slots")
+    return scored
+
+
+def run_perplexity(args) -> int:
+    model_path = Path(args.model)
+    model = load_model(model_path, dtype=DTYPES[args.dtype])
+    set_threads_for(model)
+    trained = model.cfg.max_position_embeddings
+    modes = parse_modes(args.modes, PERPLEXITY_MODES)
+    n = round(args.length * trained)
+    tok = None
+    if args.tokenizer or (model_path.is_dir() and (model_path / "tokenizer.model").is_file()):
+        tok = load_tokenizer(args.tokenizer or model_path)
+        check_tokenizer(tok, model.cfg)
+    if args.text is not None:
+        if tok is None:
+            raise ValueError("--text needs a tokenizer: pass --tokenizer FILE.model")
+        try:
+            text = args.text.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise ValueError(f"--text {args.text}: cannot read it as UTF-8 text ({e})") from e
+        ids = tok.encode(text, bos=True)
+        if len(ids) < n:
+            raise ValueError(f"--text {args.text} has {len(ids)} tokens, fewer than --length {args.length} x {trained}")
+        ids, source = ids[:n], str(args.text)
+    else:
+        bos, eos = (tok.bos_id, tok.eos_id) if tok is not None else (1, 2)
+        progress(f"perplexity: sampling a {n}-token document from the model (seed {args.seed})")
+        ids, source = sample_document(model, n, args.seed, bos, (bos, eos)), f"sampled from the model, seed {args.seed}"
+    lo = args.score_from if args.score_from is not None else n // 2
+    hi = args.score_to if args.score_to is not None else n
+    if not 1 <= lo < hi <= n:
+        raise ValueError(f"--score-from/--score-to must satisfy 1 <= from < to <= {n}; got {lo} and {hi}")
+    # HOMER's settings, resolved once: M = the trained context / 2 (the segment's room), ev = M, P = S = M / 32.
+    M = args.max_chunk_len = args.max_chunk_len or trained // 2
+    ev = args.segment_len = args.segment_len or M
+    args.affix_len = args.affix_len if args.affix_len is not None else max(1, M // 32)
+    if any(m in HOMER_MODES for m in modes) and ev + M > trained:
+        progress(f"warning: cached positions (< M = {M}) + segment ({ev}) exceed the trained context {trained}")
+    bias, bias_source = find_bias(model_path, M, args.bias) if "homer" in modes else (None, "")
+    if "homer" in modes and bias is None:
+        bias = calibrate_on_context(model, ids[: min(2 * ev, n)], M)
+        bias_source = f"calibrated on the document's first {min(2 * ev, n)} tokens"
+    progress(
+        f"perplexity: model {model_path} (trained context {trained}), {n} tokens ({source}), scoring tokens "
+        f"[{lo}, {hi}), modes {','.join(modes)}" + (f", bias: {bias_source}" if bias_source else "")
+    )
+    out = Emitter(args.json)
+    for mode in modes:
+        t0 = time.perf_counter()
+        scored = perplexity_nll(args, model, ids, mode, bias if mode == "homer" else None, lo, hi)
+        row = {
+            "task": "perplexity",
+            "mode": mode,
+            "length": n,
+            "trained_context": trained,
+            "perplexity": math.exp(sum(scored.values()) / len(scored)),
+            "score_from": lo,
+            "score_to": hi,
+            "tokens_scored": len(scored),
+            "document": source,
+            "seconds": round(time.perf_counter() - t0, 2),
+        }
+        if mode in HOMER_MODES:
+            row |= {"max_chunk_len": M, "target_len": args.target_len or M, "warmup_layers": args.warmup_layers}
+            row |= {"segment_len": ev, "prefix_len": args.affix_len, "suffix_len": args.affix_len}
+        elif mode == "sliding":
+            row |= {"window": args.window or trained, "stride": args.stride or (args.window or trained) // 2}
+        progress(f"perplexity {mode}: {row['perplexity']:.3f} in {row['seconds']} s")
+        out.emit(row)
+    out.finish("perplexity")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------- CLI
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m homer_ref.eval",
+        description="Evaluate long-context inference: passkey retrieval and perplexity, plain vs RoPE scaling "
+        "vs HOMER. Results go to stdout, progress to stderr.",
+    )
+    sub = p.add_subparsers(dest="task", required=True)
+
+    def common(s: argparse.ArgumentParser) -> None:
+        s.add_argument("--tokenizer", help="sentencepiece .model (default: tokenizer.model in the model directory)")
+        s.add_argument("--seed", type=int, default=0, help="seed of the samples and of homer-random (default 0)")
+        s.add_argument(
+            "--max-chunk-len",
+            type=int,
+            help=f"HOMER's M (default: passkey: the trained context - {passkey.ANSWER_ROOM}, the answer's room; "
+            "perplexity: half the trained context, the segment's room)",
+        )
+        s.add_argument("--target-len", type=int, help="HOMER's T (default: M)")
+        s.add_argument("--warmup-layers", type=int, default=0, help="HOMER's W (default 0)")
+        s.add_argument("--bias", type=Path, help=f"calibration table (default: {BIAS_FILE} in the model directory)")
+        s.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="compute dtype (default float32)")
+        s.add_argument("--json", action="store_true", help="print one JSON object per result line")
+
+    pk = sub.add_parser("passkey", help="passkey retrieval accuracy (greedy)")
+    pk.add_argument(
+        "--model", default=str(passkey.SHIPPED_MODEL), help="HF model directory (default: the shipped model)"
+    )
+    pk.add_argument("--lengths", default="1,2,4,8", help="prompt lengths as multiples of the trained context")
+    pk.add_argument("--modes", default=",".join(PASSKEY_MODES), help=f"comma-separated: {', '.join(PASSKEY_MODES)}")
+    pk.add_argument("--samples", type=int, default=50, help="prompts per length (default 50)")
+    pk.add_argument("--batch-size", type=int, default=8, help="prompts per batch for the plain modes (default 8)")
+    pk.add_argument("--instruction", action="store_true", help="put the task's short instruction after BOS")
+    pk.add_argument("--explain", action="store_true", help="for each failed HOMER sample, where the digits went")
+    pk.add_argument("--progress-every", type=int, default=10, help="progress line every N HOMER samples")
+    common(pk)
+
+    pp = sub.add_parser("perplexity", help="perplexity of a long document (HOMER_SPEC.md H.2 protocol)")
+    pp.add_argument("--model", required=True, help="HF model directory or llama2.c .bin checkpoint")
+    pp.add_argument("--text", type=Path, help="UTF-8 document (default: sample one from the model, --seed)")
+    pp.add_argument("--length", type=float, default=8, help="document length, multiple of the trained context (8)")
+    pp.add_argument("--modes", default="plain,sliding,homer", help=f"comma-separated: {', '.join(PERPLEXITY_MODES)}")
+    pp.add_argument("--score-from", type=int, help="first scored token index (default: half the document)")
+    pp.add_argument("--score-to", type=int, help="end of the scored tokens, exclusive (default: the document end)")
+    pp.add_argument("--segment-len", type=int, help="ev: tokens fed after each HOMER cache (default: M)")
+    pp.add_argument("--affix-len", type=int, help="P = S, HOMER's prefix and suffix lengths (default: M / 32)")
+    pp.add_argument("--window", type=int, help="sliding window length (default: the trained context)")
+    pp.add_argument("--stride", type=int, help="sliding window stride (default: window / 2)")
+    common(pp)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    for name in ("samples", "batch_size", "progress_every", "max_chunk_len", "target_len", "segment_len", "window"):
+        value = getattr(args, name, None)
+        if value is not None and value < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if args.warmup_layers < 0:
+        parser.error(f"--warmup-layers must be >= 0, got {args.warmup_layers}")
+    torch.manual_seed(args.seed)
+    return run_passkey(args) if args.task == "passkey" else run_perplexity(args)
+
+
+def entry() -> None:
+    """`python -m homer_ref.eval` and the `homer-eval` console script."""
+    sys.exit(run_main(main))

@@ -1,0 +1,61 @@
+"""`python -m homer_ref.trace`: run HOMER on given token ids and write everything it did to a safetensors file.
+
+The entry point other implementations call to get an answer key. Input JSON and output tensors: the trace
+format, docs/TRACE_FORMAT.md (written by `homer_ref.testing.trace`).
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from homer_ref.cli.common import DTYPES, check_out, progress, run_main, save_atomic, set_threads_for
+from homer_ref.homer import homer_prefill
+from homer_ref.homer.calibration import load_bias
+from homer_ref.loading import load_model
+from homer_ref.testing.trace import parse_input, trace_metadata, trace_tensors
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m homer_ref.trace",
+        description="Run HOMER on the token ids of an input JSON and write the compact cache, logits and every "
+        "tree node's decisions to a safetensors trace (the answer key for other implementations).",
+    )
+    p.add_argument("--model", required=True, help="HF model directory or llama2.c .bin checkpoint")
+    p.add_argument("--input", required=True, type=Path, help="input JSON (ids and HOMER settings)")
+    p.add_argument("--bias", type=Path, help="calibration table: safetensors file with a [L, R] tensor 'bias'")
+    p.add_argument("--out", required=True, type=Path, help="output .safetensors file")
+    p.add_argument("--dtype", choices=["float32", "float64"], default="float32", help="compute dtype (float32)")
+    p.add_argument("--traversal", choices=["depth_first", "level_order"], default="depth_first")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        data = json.loads(args.input.read_text(encoding="utf-8"))
+    except OSError as e:
+        parser.error(f"--input {args.input}: {e.strerror}")
+    except (ValueError, RecursionError) as e:  # UnicodeDecodeError, JSONDecodeError, too deep or too long numbers
+        parser.error(f"--input {args.input}: not valid UTF-8 JSON ({e})")
+    check_out(parser, args.out)
+    prefix, context, suffix, config = parse_input(data)
+    bias = load_bias(args.bias) if args.bias is not None else None
+    dtype = DTYPES[args.dtype]
+    model = load_model(args.model, dtype=dtype)
+    set_threads_for(model)
+    result = homer_prefill(model, prefix, context, suffix, config, bias=bias, traversal=args.traversal)
+    metadata = trace_metadata(result, data, str(args.model), str(args.bias) if args.bias else "", args.dtype)
+    save_atomic(trace_tensors(result, dtype), args.out, metadata)
+    progress(
+        f"wrote {args.out}: {len(result.positions)} slots x {len(result.keys)} layers, {len(result.nodes)} nodes, "
+        f"last_position_id {result.last_position}"
+    )
+    return 0
+
+
+def entry() -> None:
+    """`python -m homer_ref.trace` and the `homer-trace` console script."""
+    sys.exit(run_main(main))

@@ -1,0 +1,95 @@
+"""llama2.c legacy `.bin` checkpoints (Karpathy's llama2.c export, version 0) -> a `Llama`.
+
+Header: 7 little-endian int32 (dim, hidden_dim, n_layers, n_heads, n_kv_heads, vocab_size, seq_len; a positive
+vocab_size means the output head is tied), then float32 arrays in a fixed order. llama2.c stores q/k in Meta's
+*interleaved* RoPE layout (pairs (2i, 2i+1)); `_interleaved_to_half_split` is the one place where they are
+permuted to HF's half-split layout (pairs (i, i + Dh/2)) that `llama.py` uses.
+"""
+
+import math
+import struct
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from homer_ref.llama import Llama
+from homer_ref.loading.config import CheckpointError, parse_config
+from homer_ref.loading.weights import build_model, check_file_fits
+
+_LLAMA2C_HEADER = struct.Struct("<7i")  # dim, hidden_dim, n_layers, n_heads, n_kv_heads, vocab_size, seq_len
+
+
+def _interleaved_to_half_split(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """Permute q/k rows of each head from Meta's RoPE pairs (2i, 2i+1) to HF's pairs (i, i + Dh/2)."""
+    rows, D = w.shape
+    Dh = rows // n_heads
+    return w.reshape(n_heads, Dh // 2, 2, D).transpose(0, 2, 1, 3).reshape(rows, D)
+
+
+def load_llama2c(path: Path, dtype, device) -> Llama:
+    check_file_fits([path])
+    data = path.read_bytes()
+    if len(data) < _LLAMA2C_HEADER.size:
+        raise CheckpointError(f"{path}: {len(data)} bytes is too short for a llama2.c header (28 bytes)")
+    if data.startswith((b"PK\x03\x04", b"\x80\x02\x8a\x0a")):  # torch.save's zip archive, or its legacy pickle
+        raise CheckpointError(
+            f"{path}: a pickled PyTorch checkpoint, which homer_ref never loads; convert it to an HF directory "
+            "with save_pretrained(..., safe_serialization=True)"
+        )
+    dim, hidden, L, Hq, Hkv, vocab, seq_len = _LLAMA2C_HEADER.unpack_from(data)
+    if dim == 0x616B3432:  # "ak42": llama2.c version-1/2 export
+        raise CheckpointError(f"{path}: llama2.c v1/v2 export; only the legacy format is read (export --version 0)")
+    tied = vocab > 0
+    cfg_dict = {
+        "vocab_size": abs(vocab),
+        "hidden_size": dim,
+        "intermediate_size": hidden,
+        "num_hidden_layers": L,
+        "num_attention_heads": Hq,
+        "num_key_value_heads": Hkv,
+        "max_position_embeddings": seq_len,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0,
+        "tie_word_embeddings": tied,
+    }
+    cfg = parse_config(cfg_dict, f"{path} (header)")
+    V, D, Dh, F = cfg.vocab_size, dim, cfg.head_dim, hidden
+    # The arrays in file order: (checkpoint name, or its per-layer suffix; shape; stored once per layer?).
+    layout = [
+        ("model.embed_tokens.weight", [V, D], False),
+        ("input_layernorm.weight", [D], True),
+        ("self_attn.q_proj.weight", [Hq * Dh, D], True),
+        ("self_attn.k_proj.weight", [Hkv * Dh, D], True),
+        ("self_attn.v_proj.weight", [Hkv * Dh, D], True),
+        ("self_attn.o_proj.weight", [D, Hq * Dh], True),
+        ("post_attention_layernorm.weight", [D], True),
+        ("mlp.gate_proj.weight", [F, D], True),  # llama2.c w1
+        ("mlp.down_proj.weight", [D, F], True),  # w2
+        ("mlp.up_proj.weight", [F, D], True),  # w3
+        ("model.norm.weight", [D], False),
+        ("rope_cos", [seq_len, Dh // 2], False),  # precomputed tables: skipped, RoPE is recomputed
+        ("rope_sin", [seq_len, Dh // 2], False),
+    ]
+    if not tied:
+        layout.append(("lm_head.weight", [V, D], False))
+    offset, tensors = _LLAMA2C_HEADER.size, {}
+    for name, shape, per_layer in layout:
+        count = math.prod(shape) * (L if per_layer else 1)
+        if offset + 4 * count > len(data):
+            raise CheckpointError(
+                f"{path}: truncated: the file ends inside tensor '{name}' "
+                f"(needs {offset + 4 * count} bytes, has {len(data)}); re-download or re-export it"
+            )
+        array = np.frombuffer(data, dtype="<f4", count=count, offset=offset)
+        offset += 4 * count
+        if per_layer:
+            for i, w in enumerate(array.reshape(L, *shape)):
+                if name in ("self_attn.q_proj.weight", "self_attn.k_proj.weight"):
+                    w = _interleaved_to_half_split(w, Hq if name.startswith("self_attn.q") else Hkv)
+                tensors[f"model.layers.{i}.{name}"] = torch.from_numpy(w.copy())
+        elif not name.startswith("rope_"):
+            tensors[name] = torch.from_numpy(array.reshape(shape).copy())
+    if offset != len(data):
+        raise CheckpointError(f"{path}: {len(data) - offset} unexpected bytes after the last tensor")
+    return build_model(cfg, tensors, str(path), dtype, device)
