@@ -1,4 +1,4 @@
-"""Shared fixtures: the stories260K folder (skipped with a reason when absent) and a tiny-random-HF-model factory.
+"""Shared fixtures: the vendored stories260K folder and a tiny-random-HF-model factory.
 
 Also prints, at the end of a run, the largest max |Δ| each tolerance of `helpers.TOL` met (the measured margins).
 """
@@ -22,11 +22,7 @@ from helpers import MEASURED, STORIES_DIR, TOL, make_hf_llama  # noqa: E402
 
 @pytest.fixture(scope="session")
 def stories_dir() -> Path:
-    """../shared/data/stories260K from the project root (stories260K.bin, tok512.model, expected_greedy_200.txt)."""
-    needed = ("stories260K.bin", "tok512.model", "expected_greedy_200.txt")
-    missing = [name for name in needed if not (STORIES_DIR / name).is_file()]
-    if missing:
-        pytest.skip(f"shared test data not found: {STORIES_DIR} lacks {', '.join(missing)} (see its README)")
+    """The vendored stories260K folder (stories260K.bin, tok512.model, expected_greedy_200.txt): always present."""
     return STORIES_DIR
 
 

@@ -19,8 +19,7 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent  # the project root
-# Shared test data lives next to the project (../shared from the root); absent on a user's fresh clone.
-STORIES_DIR = Path(__file__).parent.parent.parent / "shared" / "data" / "stories260K"
+STORIES_DIR = ROOT / "homer_ref" / "data" / "stories260K"  # llama2.c's stories260K, vendored (see its README)
 
 
 # ----------------------------------------------------------------------------------------------- tolerances

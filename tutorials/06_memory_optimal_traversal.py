@@ -32,7 +32,7 @@ import torch
 HERE = Path(__file__).resolve().parent if "__file__" in globals() else Path.cwd()  # in Jupyter: tutorials/
 ROOT = HERE.parent  # the project root: homer_ref/ lives here
 sys.path.insert(0, str(ROOT))
-STORIES = ROOT.parent / "shared" / "data" / "stories260K"
+STORIES = ROOT / "homer_ref" / "data" / "stories260K"
 
 import homer_ref
 from homer_ref.homer import homer_prefill

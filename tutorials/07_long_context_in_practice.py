@@ -26,7 +26,7 @@ import torch
 HERE = Path(__file__).resolve().parent if "__file__" in globals() else Path.cwd()  # in Jupyter: tutorials/
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
-STORIES = ROOT.parent / "shared" / "data" / "stories260K"
+STORIES = ROOT / "homer_ref" / "data" / "stories260K"
 torch.set_num_threads(1)  # tiny tensors: extra threads only add overhead on a busy machine
 
 import homer_ref

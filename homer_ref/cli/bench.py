@@ -28,12 +28,12 @@ import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 import torch
 
 from homer_ref.budget import check_fits, plain_bytes
 from homer_ref.cli.common import progress, run_main
+from homer_ref.data import STORIES260K
 from homer_ref.homer import homer_prefill
 from homer_ref.homer.plan import HomerConfig, Plan, plan
 from homer_ref.homer.traversal import g2_bound, plain_kv, simulate_live_kv
@@ -51,7 +51,7 @@ BENCH = LlamaConfig(
 )
 LLAMA2_7B = LlamaConfig(32000, 4096, 11008, 32, 32, 32, 128, max_position_embeddings=4096)
 P_BENCH = S_BENCH = 16
-STORIES = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "stories260K" / "stories260K.bin"
+STORIES = STORIES260K / "stories260K.bin"
 
 
 def random_model(cfg: LlamaConfig, seed: int = 0) -> Llama:

@@ -16,7 +16,8 @@ into one token, so `count_tokens` knows a text's length without a tokenizer.
 import random
 import re
 from dataclasses import dataclass
-from pathlib import Path
+
+from homer_ref.data import PASSKEY_MODEL
 
 FILLER = (
     "The river runs past the old mill .",
@@ -28,7 +29,7 @@ FILLER = (
     "The road turns left after the old bridge .",
     "Snow covers the fields and the quiet town .",
 )
-SHIPPED_MODEL = Path(__file__).resolve().parent.parent / "data" / "passkey_model"  # trained on this task
+SHIPPED_MODEL = PASSKEY_MODEL  # the model trained on this task
 ANSWER_ROOM = 8  # tokens a prompt leaves free below its length for the answer ("▁" + 5 digits + "▁." + EOS)
 ANSWER_TOKENS = 7  # tokens generated for an answer; the first integer in them is all that is scored
 INSTRUCTION = "Find the pass key in the text and remember it ."
