@@ -104,9 +104,11 @@ def _rope_parameters(config: dict) -> dict:
     """One dict with rope_type, rope_theta and the scaling fields.
 
     Older HF configs write ``rope_scaling`` (with ``type`` or ``rope_type``) and a top-level ``rope_theta``;
-    transformers >= 5 writes ``rope_parameters`` holding both. ``rope_scaling`` wins where both are present.
+    transformers >= 5 writes ``rope_parameters`` holding both. Where both are present, transformers takes a
+    non-empty ``rope_scaling`` as a whole and ignores ``rope_parameters``; the base is the chosen dict's
+    ``rope_theta``, else the top-level one, else 10000.
     """
-    params = {**(config.get("rope_parameters") or {}), **(config.get("rope_scaling") or {})}
+    params = dict(config.get("rope_scaling") or config.get("rope_parameters") or {})
     params.setdefault("rope_theta", config.get("rope_theta", 10000.0))
     params["rope_type"] = params.get("rope_type", params.get("type")) or "default"
     return params

@@ -106,6 +106,40 @@ def test_old_rope_scaling_spelling(tiny_hf_model, name):
     assert_close(our_logits(ours, TOKENS, POSITIONS), expected, "hf_float32", f"old spelling '{name}'")
 
 
+# Both spellings in one config.json (a v4 file edited by hand, or a v5 export of a v4 file): transformers takes a
+# non-empty rope_scaling whole and ignores rope_parameters; the base comes from the chosen dict, else the top level.
+BOTH_SPELLINGS = {
+    "rope_scaling wins": dict(rope_parameters={"rope_type": "default", "rope_theta": 500.0},
+                              rope_scaling={"type": "linear", "factor": 2.0}, rope_theta=300.0),
+    "rope_scaling wins, its own theta": dict(rope_parameters={"rope_type": "linear", "factor": 4.0, "rope_theta": 700.0},
+                                             rope_scaling={"type": "dynamic", "factor": 2.0, "rope_theta": 200.0}),
+    "null rope_scaling": dict(rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 500.0},
+                              rope_scaling=None, rope_theta=300.0),
+    "empty rope_scaling": dict(rope_parameters={"rope_type": "linear", "factor": 2.0}, rope_scaling={},
+                               rope_theta=300.0),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", sorted(BOTH_SPELLINGS))
+def test_both_spellings_in_one_config_follow_transformers(tiny_hf_model, name):
+    """homer_ref's loader and the NumPy oracle read such a config as transformers' from_pretrained does."""
+    import transformers
+
+    model_dir, _ = tiny_hf_model(max_position_embeddings=16, **GQA)
+    config = json.loads((model_dir / "config.json").read_text())
+    config.pop("rope_theta", None)
+    config.update(BOTH_SPELLINGS[name])
+    (model_dir / "config.json").write_text(json.dumps(config, indent=2))
+    hf = transformers.LlamaForCausalLM.from_pretrained(model_dir, attn_implementation="eager").eval()
+    positions = list(range(24))  # past max_position_embeddings, so that dynamic scaling acts too
+    tokens = [t % 61 for t in range(5, 5 + 3 * len(positions), 3)]
+    expected = hf_logits(hf, tokens, positions)
+    assert_close(our_logits(load_model(model_dir), tokens, positions), expected, "hf_float32", name)
+    np_config, weights = llama_np.load_hf(str(model_dir))
+    oracle = llama_np.forward(np_config, weights, tokens, positions)
+    assert_close(oracle, expected, "hf_float32", f"{name} (oracle)")
+
+
 def test_both_config_spellings_parse_to_the_same_config():
     base = dict(vocab_size=32, hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=4)
     scaling = {"factor": 4.0, "original_max_position_embeddings": 64, "beta_fast": 16.0}
