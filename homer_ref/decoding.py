@@ -103,3 +103,18 @@ def generate_plain(model: Llama, prompt_ids: list[int], max_new_tokens: int, **k
         check_fits(needed, what, "shorten the prompt or use HOMER (--mode homer)", weight.device)
     logits, cache = model.forward_cached(torch.tensor([prompt_ids], device=weight.device))
     return decode(model, logits[0, -1], cache, len(prompt_ids), max_new_tokens, **kwargs)
+
+
+@torch.no_grad()
+def greedy_batch(model: Llama, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+    """Greedy continuations of prompts that all have the same length, decoded as one batch."""
+    x = torch.tensor(prompts, device=model.embed_tokens.weight.device)  # [B, T]
+    T = x.shape[1]
+    logits, cache = model.forward_cached(x)
+    out = []
+    for t in range(max_new_tokens):
+        token = logits[:, -1].argmax(-1)  # [B]: the first maximum, as `sample_next`
+        out.append(token)
+        if t < max_new_tokens - 1:
+            logits, cache = model.forward_cached(token[:, None], torch.tensor([T + t], device=x.device), cache)
+    return torch.stack(out, dim=1).tolist()

@@ -23,8 +23,8 @@ from safetensors.torch import save_file
 
 from homer_ref import load_model, load_tokenizer
 from homer_ref.cli.common import run_main
-from homer_ref.cli.eval import PASSKEY_MODES, greedy_batch, main, rope_scaled, surviving_context
-from homer_ref.decoding import generate_plain
+from homer_ref.cli.eval import PASSKEY_MODES, main, rope_scaled, surviving_context
+from homer_ref.decoding import generate_plain, greedy_batch
 from homer_ref.homer import homer_prefill
 from homer_ref.homer.calibration import calibrate
 from homer_ref.homer.plan import HomerConfig

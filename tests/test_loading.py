@@ -111,8 +111,9 @@ def test_old_rope_scaling_spelling(tiny_hf_model, name):
 BOTH_SPELLINGS = {
     "rope_scaling wins": dict(rope_parameters={"rope_type": "default", "rope_theta": 500.0},
                               rope_scaling={"type": "linear", "factor": 2.0}, rope_theta=300.0),
-    "rope_scaling wins, its own theta": dict(rope_parameters={"rope_type": "linear", "factor": 4.0, "rope_theta": 700.0},
-                                             rope_scaling={"type": "dynamic", "factor": 2.0, "rope_theta": 200.0}),
+    "rope_scaling wins, its own theta": dict(
+        rope_parameters={"rope_type": "linear", "factor": 4.0, "rope_theta": 700.0},
+        rope_scaling={"type": "dynamic", "factor": 2.0, "rope_theta": 200.0}),
     "null rope_scaling": dict(rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 500.0},
                               rope_scaling=None, rope_theta=300.0),
     "empty rope_scaling": dict(rope_parameters={"rope_type": "linear", "factor": 2.0}, rope_scaling={},

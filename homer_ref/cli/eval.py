@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 
 from homer_ref.cli.common import DTYPES, progress, run_main, set_threads_for
-from homer_ref.decoding import decode
+from homer_ref.decoding import decode, greedy_batch
 from homer_ref.homer import HomerCache, continuation_logits, homer_generate, homer_prefill
 from homer_ref.homer.calibration import BIAS_FILE, calibrate_on_context, find_bias
 from homer_ref.homer.plan import HomerConfig
@@ -132,21 +132,6 @@ class Emitter:
 
 
 # ----------------------------------------------------------------------------------------------- passkey
-
-
-@torch.no_grad()
-def greedy_batch(model: Llama, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
-    """Greedy continuations of prompts that all have the same length, decoded as one batch."""
-    x = torch.tensor(prompts, device=model.embed_tokens.weight.device)  # [B, T]
-    T = x.shape[1]
-    logits, cache = model.forward_cached(x)
-    out = []
-    for t in range(max_new_tokens):
-        token = logits[:, -1].argmax(-1)  # [B]: the first maximum, as `decoding.sample_next`
-        out.append(token)
-        if t < max_new_tokens - 1:
-            logits, cache = model.forward_cached(token[:, None], torch.tensor([T + t], device=x.device), cache)
-    return torch.stack(out, dim=1).tolist()
 
 
 def surviving_context(cache: HomerCache) -> list[int]:
