@@ -66,10 +66,10 @@ def activation_bytes(cfg: LlamaConfig, tokens: int, itemsize: int) -> int:
 
 
 def plain_bytes(cfg: LlamaConfig, prompt_len: int, new_tokens: int, itemsize: int) -> int:
-    """The plain forward of a prompt, then decoding: its full KV cache, activations and the prompt's logits."""
+    """The plain forward of a prompt, then decoding: its full KV cache, activations and the last token's logits."""
     n = prompt_len + new_tokens
     return (
         kv_bytes(cfg, n * cfg.num_hidden_layers, itemsize)
         + activation_bytes(cfg, prompt_len, itemsize)
-        + prompt_len * cfg.vocab_size * max(itemsize, 4)
+        + cfg.vocab_size * max(itemsize, 4)
     )

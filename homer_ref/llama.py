@@ -182,12 +182,14 @@ class Llama(nn.Module):
         h: torch.Tensor,  # [B, T, D] input of the layer (the residual stream)
         positions: torch.Tensor,  # [T] or [B, T] integer position ids of the T new tokens
         past: tuple[torch.Tensor, torch.Tensor] | None = None,  # this layer's cache (k, v) [B, Hkv, S, Dh]
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        last_query: bool = False,  # also return the last query's logits (HOMER's significance)
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """First half of decoder layer `layer`: h + attention(norm(h)), token i seeing cache and new tokens <= i.
 
-        Returns (h [B, T, D], k [B, Hkv, S+T, Dh] after RoPE, v [B, Hkv, S+T, Dh],
-        last_logits [B, Hq, S+T]: scaled pre-softmax logits of the last query against every key, in at least
-        float32 — the significance HOMER prunes by (HOMER_SPEC.md D.1)).
+        Returns (h [B, T, D], k [B, Hkv, S+T, Dh] after RoPE, v [B, Hkv, S+T, Dh], last_logits). With `last_query`,
+        last_logits [B, Hq, S+T] are the scaled pre-softmax logits of the last query against every key, in at least
+        float32 — the significance HOMER prunes by (HOMER_SPEC.md D.1); else None, so that a plain forward does
+        no HOMER work (HOMER asks only at a reduction layer, calibration at every layer).
         """
         cfg, blk = self.cfg, self.layers[layer]
         B, T, _ = h.shape
@@ -208,6 +210,8 @@ class Llama(nn.Module):
         mask = None if S == 0 else torch.ones(T, S + T, dtype=torch.bool, device=h.device).tril(diagonal=S)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=S == 0, enable_gqa=Hkv != Hq)
         h = h + blk.self_attn.o_proj(y.transpose(1, 2).reshape(B, T, Hq * Dh))
+        if not last_query:
+            return h, k, v, None
         # Last query against all keys; query head j reads KV head j // (Hq / Hkv), exactly as attention does.
         score_dtype = torch.promote_types(q.dtype, torch.float32)
         k_rep = k.to(score_dtype).repeat_interleave(Hq // Hkv, dim=1)  # [B, Hq, S+T, Dh]
@@ -229,8 +233,13 @@ class Llama(nn.Module):
         tokens: torch.Tensor,  # [B, T] token ids
         positions: torch.Tensor | None = None,  # [T] or [B, T]; default S, S+1, ..., S+T-1
         cache: Cache | None = None,  # per layer (k, v) [B, Hkv, S, Dh]; not modified
+        all_logits: bool = False,  # logits of every token, or only of the last (what generation needs)
     ) -> tuple[torch.Tensor, Cache]:
-        """Logits [B, T, V] and the new cache (old entries followed by the T new ones, per layer)."""
+        """Logits [B, T, V] (`all_logits`) or [B, 1, V], and the new cache (old entries, then the T new ones).
+
+        Only the last row by default: a long prompt's logits are T x V floats nobody reads (16k tokens of a
+        49k-token vocabulary: 3.2 GB), while perplexity and traces ask for them all.
+        """
         S = 0 if cache is None else cache[0][0].shape[2]
         if positions is None:
             positions = torch.arange(S, S + tokens.shape[1], device=tokens.device)
@@ -240,8 +249,8 @@ class Llama(nn.Module):
             h, k, v, _ = self.attend(layer, h, positions, None if cache is None else cache[layer])
             h = self.feed_forward(layer, h)
             new_cache.append((k, v))
-        return self.logits(h), new_cache
+        return self.logits(h if all_logits else h[:, -1:]), new_cache
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None, cache: Cache | None = None):
-        """tokens [B, T] -> logits [B, T, V]. Use `forward_cached` to also get the KV cache back."""
-        return self.forward_cached(tokens, positions, cache)[0]
+        """tokens [B, T] -> logits [B, T, V] of every token. `forward_cached` also returns the KV cache."""
+        return self.forward_cached(tokens, positions, cache, all_logits=True)[0]

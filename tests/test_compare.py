@@ -72,7 +72,8 @@ def test_homer_cache_and_float64_traces_are_accepted(expected):
     data = json.loads((CASE / "input.json").read_text())
     prefix, context, suffix, config = parse_input(data)
     model = load_model(ROOT / "fixtures" / "models" / "mha", dtype=torch.float64)
-    result = homer_prefill(model, prefix, context, suffix, config, bias=load_bias(CASE / "bias.safetensors"))
+    bias = load_bias(CASE / "bias.safetensors")
+    result = homer_prefill(model, prefix, context, suffix, config, bias=bias, all_logits=True)
     report = compare_traces(expected, result)
     assert report.ok, str(report)
 

@@ -36,9 +36,11 @@ def test_prompts_processed_one_at_a_time_match_the_batched_plain_forward(model):
     prompts = [list(range(3, 11)), list(range(20, 28))]
     batched = model(torch.tensor([[1] + p + [2] for p in prompts]))  # [2, 10, V], a real batch of 2
     for row, p in enumerate(prompts):
-        cache = homer_prefill(model, [1], p, [2], CONFIG)
+        cache = homer_prefill(model, [1], p, [2], CONFIG, all_logits=True)
         assert torch.allclose(cache.logits, batched[row], atol=1e-12, rtol=0)
-        tensor_input = homer_prefill(model, torch.tensor([1]), torch.tensor(p), torch.tensor([2]), CONFIG)
+        tensor_input = homer_prefill(
+            model, torch.tensor([1]), torch.tensor(p), torch.tensor([2]), CONFIG, all_logits=True
+        )
         assert torch.equal(tensor_input.logits, cache.logits)
         nxt = continuation_logits(model, cache, [5, 6])
         full = model(torch.tensor([[1] + p + [2, 5, 6]]))[0, -2:]

@@ -102,8 +102,8 @@ def test_single_chunk_is_the_plain_forward(dtype, case):
     bias = torch.randn(c["L"], c["M"] + 1, generator=torch.Generator().manual_seed(c["seed"]))
     bias = bias if c["reduction"] == "calibrated" else None
     config = HomerConfig(c["M"], c["T"], c["W"], c["reduction"], seed=c["seed"])
-    result = homer_prefill(model, ids[:P], ids[P : P + C], ids[P + C :], config, bias=bias)
-    logits, cache = model.forward_cached(torch.tensor([ids]))
+    result = homer_prefill(model, ids[:P], ids[P : P + C], ids[P + C :], config, bias=bias, all_logits=True)
+    logits, cache = model.forward_cached(torch.tensor([ids]), all_logits=True)
     n = len(ids)
     assert result.positions.tolist() == list(range(n))
     assert result.last_position == n - 1
@@ -180,6 +180,7 @@ def run_both(pool, c, traversal="depth_first"):
         HomerConfig(c["M"], c["T"], c["W"], c["reduction"], c["seed"]),
         bias=torch.from_numpy(bias) if use_bias else None,
         traversal=traversal,
+        all_logits=True,
     )
     ref = homer_np.homer_prefill(
         config,
@@ -255,7 +256,7 @@ def section_l(C=24, L=8, T=8, seed=0, q_zero=False):
     rng = np.random.default_rng(seed)
     ids = random_ids(rng, 32, C + 2)
     bias = torch.zeros(L, 8) if q_zero else torch.from_numpy(rng.normal(scale=0.3, size=(L, 8)).astype(np.float32))
-    result = homer_prefill(model, ids[:1], ids[1:-1], ids[-1:], HomerConfig(8, T, 2), bias=bias)
+    result = homer_prefill(model, ids[:1], ids[1:-1], ids[-1:], HomerConfig(8, T, 2), bias=bias, all_logits=True)
     return model, result
 
 
@@ -409,8 +410,8 @@ def test_invariants(case):
     bias = torch.from_numpy(rng.normal(scale=0.5, size=(c["L"], M)).astype(np.float32))
     config = HomerConfig(M, c["T"], c["W"], c["reduction"], c["seed"])
     args = (model, ids[:P], ids[P : P + C], ids[P + C :], config)
-    df = homer_prefill(*args, bias=bias, traversal="depth_first")
-    lo = homer_prefill(*args, bias=bias, traversal="level_order")
+    df = homer_prefill(*args, bias=bias, traversal="depth_first", all_logits=True)
+    lo = homer_prefill(*args, bias=bias, traversal="level_order", all_logits=True)
     p = df.plan
 
     # F / D.4: every layer holds the same K slots, K = plan.final_len = the spec's formula.
@@ -529,7 +530,7 @@ def test_continuation_with_a_trivial_plan_is_the_plain_forward():
     ids = random_ids(np.random.default_rng(1), 32, 14)
     cache = homer_prefill(model, ids[:2], ids[2:8], ids[8:10], HomerConfig(16, 16, 1, "uncalibrated"))
     got = continuation_logits(model, cache, ids[10:])
-    want = model.forward_cached(torch.tensor([ids]))[0][0, 10:]
+    want = model.forward_cached(torch.tensor([ids]), all_logits=True)[0][0, 10:]
     assert_close(got, want, "cache_float64", "continuation logits")
 
 

@@ -235,9 +235,9 @@ def test_layer_halves_match_oracle(tmp_path, rope, Hq, Hkv):
     for layer in range(config["num_hidden_layers"]):
         h_attn, k, v, last = llama_np.attention_layer(config, weights, layer, h, np.array(positions))
         with torch.no_grad():
-            ours = model.attend(layer, torch.from_numpy(h)[None], pos)
+            ours = model.attend(layer, torch.from_numpy(h)[None], pos, last_query=True)
             _, k_past, v_past, _ = model.attend(layer, torch.from_numpy(h[:S])[None], pos[:S])
-            cached = model.attend(layer, torch.from_numpy(h[S:])[None], pos[S:], (k_past, v_past))
+            cached = model.attend(layer, torch.from_numpy(h[S:])[None], pos[S:], (k_past, v_past), last_query=True)
             ff = model.feed_forward(layer, torch.from_numpy(h_attn)[None])
         for name, got, want in (("h", ours[0][0], h_attn), ("k", ours[1][0], k), ("v", ours[2][0], v)):
             assert_close(got, want, "layer_float64", f"layer {layer} attend {name}")
@@ -327,7 +327,7 @@ def test_kv_cache_decoding_equals_full_forward(model64, data):
     cache, pieces = None, []
     for a, b in zip([0, *cuts], [*cuts, T]):
         piece_positions = None if positions is None else torch.tensor(positions[a:b])  # None: continue from S
-        logits, cache = model64.forward_cached(torch.tensor([tokens[a:b]]), piece_positions, cache)
+        logits, cache = model64.forward_cached(torch.tensor([tokens[a:b]]), piece_positions, cache, all_logits=True)
         pieces.append(logits)
     assert_close(torch.cat(pieces, dim=1), full, "cache_float64", f"pieces cut at {cuts}, positions={positions}")
     cfg = model64.cfg
@@ -339,7 +339,7 @@ def test_token_by_token_decoding_equals_full_forward(model64):
     """The decoding pattern: a prompt, then one token per call at the next position."""
     tokens = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]
     full = model64(torch.tensor([tokens]))
-    logits, cache = model64.forward_cached(torch.tensor([tokens[:3]]))
+    logits, cache = model64.forward_cached(torch.tensor([tokens[:3]]), all_logits=True)
     rows = [logits]
     for i in range(3, len(tokens)):
         logits, cache = model64.forward_cached(torch.tensor([[tokens[i]]]), torch.tensor([i]), cache)

@@ -145,7 +145,7 @@ def test_training_selection_score_is_homers_significance():
             score = script.last_query_logits(model, layer, h, keys, last)  # [B, T]
             for b in range(3):
                 n = int(last[b]) + 1
-                expected = model.attend(layer, h[b : b + 1, :n], torch.arange(n))[3][0].amax(0)
+                expected = model.attend(layer, h[b : b + 1, :n], torch.arange(n), last_query=True)[3][0].amax(0)
                 torch.testing.assert_close(score[b, :n], expected, atol=1e-4, rtol=0)
             h = model.feed_forward(layer, model.attend(layer, h, torch.arange(tokens.shape[1]))[0])
     for b in range(3):

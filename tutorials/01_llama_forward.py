@@ -164,7 +164,7 @@ print(f"  distance 5 instead:             q·k = {rotated_dot(8, 3):+.12f}")
 # %%
 h = model.embed_tokens(x)  # [1, T, D]
 print("embedding h:", tuple(h.shape))
-h_attn, k0, v0, last_logits0 = model.attend(0, h, positions)
+h_attn, k0, v0, last_logits0 = model.attend(0, h, positions, last_query=True)
 print("after attention, layer 0:")
 print(f"  h           {tuple(h_attn.shape)}   [B, T, D]")
 print(f"  k (RoPE'd)  {tuple(k0.shape)}   [B, Hkv, T, Dh]")
@@ -183,7 +183,7 @@ print("after the MLP: h", tuple(h_mlp.shape))
 steps = {"embedding": h}  # name -> hidden states [1, T, D]
 keys, values, last_logits = [], [], []
 for layer in range(cfg.num_hidden_layers):
-    h, k, v, ll = model.attend(layer, h, positions)
+    h, k, v, ll = model.attend(layer, h, positions, last_query=True)
     steps[f"layer {layer} attention"] = h
     h = model.feed_forward(layer, h)
     steps[f"layer {layer} MLP"] = h

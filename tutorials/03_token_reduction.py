@@ -133,7 +133,7 @@ for layer in range(first, reduction_layer):
     h, _, _, _ = model.attend(layer, h, positions)
     h = model.feed_forward(layer, h)
 h_in = h  # input of the reduction layer
-_, keys, _, last_logits = model.attend(reduction_layer, h_in, positions)  # keys [1, Hkv, n, Dh]
+_, keys, _, last_logits = model.attend(reduction_layer, h_in, positions, last_query=True)  # keys [1, Hkv, n, Dh]
 last_logits = last_logits[0]  # [Hq, n]
 print("last_logits (one row per query head):", tuple(last_logits.shape))
 

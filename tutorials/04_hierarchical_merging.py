@@ -181,7 +181,7 @@ def run_node(node: Node, chunk: Chunk) -> Chunk:
     first, last = node.layers
     k = len(chunk) - node.target  # how many to remove (nothing when the chunk already fits)
     for layer in range(first, last):
-        h, keys, values, last_logits = model.attend(layer, chunk.h[None], chunk.positions)
+        h, keys, values, last_logits = model.attend(layer, chunk.h[None], chunk.positions, last_query=True)
         chunk.h = h[0]
         chunk.keys.append(keys[0])  # [Hkv, n, Dh]
         chunk.values.append(values[0])
@@ -249,7 +249,7 @@ print(
 
 # %%
 root = depth_first(p, run_leaf, run_node, lambda a, b: merge(a, b, P, S), LiveKV())
-cache = homer_prefill(model, prefix_ids, context_ids, suffix_ids, config, bias=bias)
+cache = homer_prefill(model, prefix_ids, context_ids, suffix_ids, config, bias=bias, all_logits=True)
 same = (
     torch.equal(root.positions, cache.positions)
     and all(torch.equal(a, b) for a, b in zip(root.keys + root.values, cache.keys + cache.values))

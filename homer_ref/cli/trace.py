@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     dtype = DTYPES[args.dtype]
     model = load_model(args.model, dtype=dtype)
     set_threads_for(model)
-    result = homer_prefill(model, prefix, context, suffix, config, bias=bias, traversal=args.traversal)
+    result = homer_prefill(model, prefix, context, suffix, config, bias=bias, traversal=args.traversal, all_logits=True)
     metadata = trace_metadata(result, data, str(args.model), str(args.bias) if args.bias else "", args.dtype)
     save_atomic(trace_tensors(result, dtype), args.out, metadata)
     progress(

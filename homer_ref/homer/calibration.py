@@ -37,7 +37,7 @@ def calibrate(model: Llama, windows: list[list[int]]) -> torch.Tensor:
     for window in windows:
         h = model.embed_tokens(torch.tensor([window], device=device))  # [1, R, D]
         for layer in range(L):
-            h, _, _, last_logits = model.attend(layer, h, positions)  # last_logits [1, Hq, R]
+            h, _, _, last_logits = model.attend(layer, h, positions, last_query=True)  # last_logits [1, Hq, R]
             head_max = last_logits[0].amax(dim=0)  # [R]: slot i sits at distance R-1-i from the last token
             total[layer] += head_max.flip(0).to(torch.float64)  # index by distance d = R-1-i
             h = model.feed_forward(layer, h)

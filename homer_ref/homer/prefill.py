@@ -56,7 +56,7 @@ class HomerCache:
     values: list[torch.Tensor]  # L x [Hkv, K, Dh]
     positions: torch.Tensor  # [K] int64 position id of each slot
     sources: torch.Tensor  # [K] int64 prompt index of each slot (prefix + context + suffix; `Plan.part`)
-    logits: torch.Tensor  # [K, V] float32 (float64 for a float64 model); logits[-1] predicts the next token
+    logits: torch.Tensor  # [1, V] (the last slot's) or [K, V] with all_logits; float32 (float64 for a float64 model)
     last_position: int  # position id of the last slot (the last suffix token)
     nodes: list[NodeTrace]  # in execution order
     plan: Plan
@@ -93,18 +93,18 @@ def check_bias(bias: torch.Tensor, num_layers: int, max_chunk_len: int) -> torch
     return bias.to(torch.float32)
 
 
-def homer_bytes(cfg: LlamaConfig, p: Plan, traversal: str, itemsize: int) -> int:
+def homer_bytes(cfg: LlamaConfig, p: Plan, traversal: str, itemsize: int, all_logits: bool = False) -> int:
     """HOMER's prefill: its peak live KV (from the plan alone), one chunk's activations and the final logits."""
     chunk = min(p.M, p.P + p.C + p.S)
     return (
         kv_bytes(cfg, max(simulate_live_kv(p, traversal)), itemsize)
         + activation_bytes(cfg, chunk, itemsize)
-        + p.final_len * cfg.vocab_size * max(itemsize, 4)
+        + (p.final_len if all_logits else 1) * cfg.vocab_size * max(itemsize, 4)
     )
 
 
 def check_inputs(
-    model: Llama, ids: tuple, config: HomerConfig, bias: torch.Tensor | None, traversal: str
+    model: Llama, ids: tuple, config: HomerConfig, bias: torch.Tensor | None, traversal: str, all_logits: bool
 ) -> tuple[list[list[int]], Plan, torch.Tensor | None]:
     """Every check made before any work (ids, settings, bias, memory): the ids as lists, the plan, the bias."""
     cfg, device = model.cfg, model.embed_tokens.weight.device
@@ -115,7 +115,8 @@ def check_inputs(
         raise ValueError(f"traversal must be one of {', '.join(TRAVERSALS)}, got {traversal!r}")
     itemsize = model.embed_tokens.weight.element_size()
     fix = "use a smaller max_chunk_len / target_len, a shorter context, or the depth_first traversal"
-    check_fits(homer_bytes(cfg, p, traversal, itemsize), f"HOMER on {P + C + S} tokens ({p.N} leaves)", fix, device)
+    needed = homer_bytes(cfg, p, traversal, itemsize, all_logits)
+    check_fits(needed, f"HOMER on {P + C + S} tokens ({p.N} leaves)", fix, device)
     if bias is not None:
         return ids, p, check_bias(bias, cfg.num_hidden_layers, p.M).to(device)
     if config.reduction == "calibrated" and (p.N > 1 or p.root.target < P + C + S):
@@ -135,33 +136,36 @@ def homer_prefill(
     config: HomerConfig,
     bias: torch.Tensor | None = None,  # [L, R] with R >= M, for reduction="calibrated"
     traversal: str = "depth_first",
+    all_logits: bool = False,  # the logits of every kept slot (traces, tutorials), or only the last (generation)
 ) -> HomerCache:
     """Compress prefix + context + suffix into a compact cache with HOMER."""
     (prefix_ids, context_ids, suffix_ids), p, bias = check_inputs(
-        model, (prefix_ids, context_ids, suffix_ids), config, bias, traversal
+        model, (prefix_ids, context_ids, suffix_ids), config, bias, traversal, all_logits
     )
     device = model.embed_tokens.weight.device
     meter, traces = LiveKV(), []
 
-    def significance(node: Node, layer: int, last_logits: torch.Tensor, chunk: Chunk) -> torch.Tensor:  # [n]
+    def significance(node: Node, layer: int, last_logits: torch.Tensor | None, chunk: Chunk) -> torch.Tensor:  # [n]
         if config.reduction == "random":
             return reduction.random_significance(config.seed, node.level, node.index, chunk.is_context)
         row = bias[layer] if config.reduction == "calibrated" else None
-        return reduction.significance(last_logits, chunk.positions, chunk.is_context, row)
+        return reduction.significance(last_logits[0], chunk.positions, chunk.is_context, row)
 
     def run_layers(node: Node, chunk: Chunk) -> Chunk:
         """The node's block of layers; at its last layer, prune to the target between attention and MLP (C.2)."""
         inputs, n = chunk, len(chunk)
         first, last = node.layers
         scores, kept, removed = None, torch.arange(n, device=device), torch.arange(0, device=device)
+        prunes = n > node.target  # at the node's last layer, between attention and MLP
         for layer in range(first, last):
-            h, keys, values, last_logits = model.attend(layer, chunk.h[None], chunk.positions)
+            asks = layer == last - 1 and prunes and config.reduction != "random"  # the last query's logits
+            h, keys, values, last_logits = model.attend(layer, chunk.h[None], chunk.positions, last_query=asks)
             chunk.h = h[0]
             chunk.keys.append(keys[0])  # [Hkv, n, Dh]
             chunk.values.append(values[0])
             meter.observe(chunk)
-            if layer == last - 1 and n > node.target:
-                scores = significance(node, layer, last_logits[0], chunk)
+            if layer == last - 1 and prunes:
+                scores = significance(node, layer, last_logits, chunk)
                 kept, removed = reduction.select(scores, n - node.target)
                 chunk = keep_slots(chunk, kept)  # propagative refinement (F)
             chunk.h = model.feed_forward(layer, chunk.h[None])[0]
@@ -175,7 +179,7 @@ def homer_prefill(
 
     walk = depth_first if traversal == "depth_first" else level_order
     root = walk(p, run_leaf, run_layers, lambda a, b: merge(a, b, p.P, p.S), meter)
-    logits = model.logits(root.h[None])[0]
+    logits = model.logits(root.h[None] if all_logits else root.h[None, -1:])[0]  # [K or 1, V]
     if not torch.isfinite(logits).all():  # reported, not handed on: NaN/Inf would poison every later step
         raise RuntimeError(
             f"HOMER produced NaN/Inf logits: the model's weights hold NaN/Inf or it overflowed in {logits.dtype}; "
@@ -203,7 +207,7 @@ def continuation_logits(model: Llama, cache: HomerCache, tokens: list[int]) -> t
     tokens = check_ids(tokens, model.cfg.vocab_size, "tokens")
     x = torch.tensor([tokens], dtype=torch.long, device=device)
     positions = cache.last_position + 1 + torch.arange(len(tokens), device=device)
-    return model.forward_cached(x, positions, cache.model_cache())[0][0]
+    return model.forward_cached(x, positions, cache.model_cache(), all_logits=True)[0][0]
 
 
 @torch.no_grad()
