@@ -23,7 +23,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from homer_ref.homer import homer_prefill
-from homer_ref.homer.plan import HomerConfig, plan
+from homer_ref.homer.plan import HomerConfig, default_warmup_layers, plan
 from homer_ref.llama import Llama, LlamaConfig
 
 
@@ -141,6 +141,46 @@ def test_llama2_layer_schedules(L, H, schedule):
     p = plan(L, HomerConfig(2048, 2048, 12), P=100, C=C, S=100)
     assert p.H == H
     assert [p.nodes[(lvl, 0)].layers for lvl in range(H + 1)] == schedule
+
+
+@pytest.mark.parametrize("L, H, schedule", [s for s in LLAMA2_SCHEDULES if s[0] == 32])
+def test_the_default_warmup_is_the_official_scripts(L, H, schedule):
+    """Without warmup_layers, Llama-2-7B gets the scripts' W = 12 (HOMER_SPEC.md A), hence the schedules above."""
+    C = (2048 - 200) * 2 ** (H - 1) + 1
+    p = plan(L, HomerConfig(2048), P=100, C=C, S=100)
+    assert p.W == 12 and [p.nodes[(lvl, 0)].layers for lvl in range(H + 1)] == schedule
+
+
+# (L, tree height H, W): round(12 L / 32), lowered only where H + 1 levels would not fit in L - W layers.
+DEFAULT_WARMUP = [
+    (32, 6, 12),
+    (32, 19, 12),
+    (32, 20, 11),
+    (30, 1, 11),
+    (30, 18, 11),
+    (30, 19, 10),
+    (40, 3, 15),
+    (8, 4, 3),
+    (8, 5, 2),
+    (5, 0, 2),
+    (5, 2, 2),
+    (5, 3, 1),
+    (5, 4, 0),
+    (6, 2, 2),
+    (2, 0, 1),
+    (1, 0, 0),
+]
+
+
+@pytest.mark.parametrize("L, H, W", DEFAULT_WARMUP)
+def test_default_warmup_rule(L, H, W):
+    E = 8
+    C = E * 2**H  # N0 = 2^H full chunks: a tree of height H
+    assert default_warmup_layers(L, E + 2, 1, C, 1) == W
+    if H <= 6:  # small enough to plan: the plan uses the rule, and an explicit W is kept
+        p = plan(L, HomerConfig(E + 2), P=1, C=C, S=1)
+        assert (p.H, p.W, p.lpc >= 1) == (H, W, True)
+        assert plan(L, HomerConfig(E + 2, warmup_layers=0), P=1, C=C, S=1).W == 0
 
 
 # HOMER_SPEC.md D.4 [computed] (P = S = 100, M = T = 2048): "the leaves remove 50, 75, 88, 94, 97 of their

@@ -180,7 +180,7 @@ def passkey_homer(args, model: Llama, tok: Tokenizer, prompts, mode: str, M: int
             progress(f"  {mode}: {i + 1}/{len(prompts)} correct {correct}")
     n = len(prompts)
     return {"correct": correct, "max_chunk_len": M, "target_len": args.target_len or M}  | {
-        "warmup_layers": args.warmup_layers, "digits_kept": kept_fraction / n, "copy_kept": copies / n
+        "warmup_layers": cache.plan.W, "digits_kept": kept_fraction / n, "copy_kept": copies / n
     }  # fmt: skip
 
 
@@ -222,7 +222,8 @@ def run_passkey(args) -> int:
     progress(
         f"passkey: model {model_path} (trained context {trained}), lengths {args.lengths} x {trained}, "
         f"modes {','.join(modes)}, {args.samples} samples, seed {args.seed}, HOMER M={M} T={args.target_len or M} "
-        f"W={args.warmup_layers}" + (f", bias {bias_source}" if bias_source else "")
+        f"W={'default' if args.warmup_layers is None else args.warmup_layers}"
+        + (f", bias {bias_source}" if bias_source else "")
     )
     for multiple in lengths:
         length = round(multiple * trained)
@@ -377,7 +378,12 @@ def run_perplexity(args) -> int:
             "seconds": round(time.perf_counter() - t0, 2),
         }
         if mode in HOMER_MODES:
-            row |= {"max_chunk_len": M, "target_len": args.target_len or M, "warmup_layers": args.warmup_layers}
+            W = args.warmup_layers  # None: the plan's default rule, recorded per segment in `warmup_layers`
+            row |= {
+                "max_chunk_len": M,
+                "target_len": args.target_len or M,
+                "warmup_layers": "default" if W is None else W,
+            }
             row |= {"segment_len": ev, "prefix_len": args.affix_len, "suffix_len": args.affix_len}
         elif mode == "sliding":
             row |= {"window": args.window or trained, "stride": args.stride or (args.window or trained) // 2}
@@ -408,7 +414,11 @@ def build_parser() -> argparse.ArgumentParser:
             "perplexity: half the trained context, the segment's room)",
         )
         s.add_argument("--target-len", type=int, help="HOMER's T (default: M)")
-        s.add_argument("--warmup-layers", type=int, default=0, help="HOMER's W (default 0)")
+        s.add_argument(
+            "--warmup-layers",
+            type=int,
+            help="HOMER's W (default: 12 of every 32 layers, as the official scripts; fewer if the tree needs)",
+        )
         s.add_argument("--bias", type=Path, help=f"calibration table (default: {BIAS_FILE} in the model directory)")
         s.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="compute dtype (default float32)")
         s.add_argument("--json", action="store_true", help="print one JSON object per result line")
@@ -448,7 +458,7 @@ def main(argv: list[str] | None = None) -> int:
         value = getattr(args, name, None)
         if value is not None and value < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
-    if args.warmup_layers < 0:
+    if args.warmup_layers is not None and args.warmup_layers < 0:
         parser.error(f"--warmup-layers must be >= 0, got {args.warmup_layers}")
     torch.manual_seed(args.seed)
     return run_passkey(args) if args.task == "passkey" else run_perplexity(args)

@@ -6,7 +6,8 @@ HOMER needs the prompt split into prefix / context / suffix (HOMER_SPEC.md A):
   everything before a line `<<<CONTEXT>>>` is the prefix, everything after a line `<<<SUFFIX>>>` the suffix;
 - default: the prefix is BOS alone, the suffix the prompt's last line (the question at the end) — cut to its
   last max_chunk_len/4 tokens if longer — and the context everything before it.
-Defaults follow the official scripts: M = T = trained context / 2, W = 0 (override with the options). The bias
+Defaults follow the official scripts: M = T = trained context / 2, and W = 12 of every 32 layers (fewer where the
+tree needs them; `plan.default_warmup_layers`). The bias
 table is `homer_bias.safetensors` in the model directory, or `--bias FILE`; without one, HOMER calibrates on
 the prompt's own context and says so (`--reduction` picks another mode).
 
@@ -60,7 +61,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     h.add_argument("--max-chunk-len", type=int, help="M, affixes included (default: trained context / 2)")
     h.add_argument("--target-len", type=int, help="T, final cache length (default: M)")
-    h.add_argument("--warmup-layers", type=int, default=0, help="W, layers run by the leaves only (default 0)")
+    h.add_argument(
+        "--warmup-layers",
+        type=int,
+        help="W, layers only the leaves run (default: 12 of every 32 as the official scripts; fewer if the tree needs)",
+    )
     h.add_argument("--reduction", choices=REDUCTIONS, default="calibrated", help="token reduction mode")
     h.add_argument("--bias", type=Path, help="calibration table (default: homer_bias.safetensors in the model dir)")
     return p
@@ -91,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     for name in ("max_new_tokens", "warmup_layers"):
-        if getattr(args, name) < 0:
+        if getattr(args, name) is not None and getattr(args, name) < 0:
             parser.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     if not 0 <= args.temperature < math.inf:  # NaN fails too
         parser.error(f"--temperature must be a finite number >= 0, got {args.temperature}")
@@ -197,9 +202,10 @@ def passkey_demo(args) -> int:
     M = args.max_chunk_len or trained - passkey.ANSWER_ROOM
     config = HomerConfig(M, args.target_len, args.warmup_layers, args.reduction, args.seed)
     bias = find_bias(passkey.SHIPPED_MODEL, M, args.bias)[0] if args.reduction == "calibrated" else None
-    n = len(prompts[0].ids)
+    n, first = len(prompts[0].ids), prompts[0]
+    W = plan(model.cfg.num_hidden_layers, config, len(first.prefix), len(first.context), len(first.suffix)).W
     progress(f"passkey demo: the shipped model (trained context {trained}) reads {len(prompts)} prompts of {n} tokens "
-             f"({n / trained:.1f}x), greedy; HOMER with M={M} T={config.target_len or M} W={config.warmup_layers} "
+             f"({n / trained:.1f}x), greedy; HOMER with M={M} T={config.target_len or M} W={W} "
              f"({config.reduction})")  # fmt: skip
     plain = [tok.decode(o) for o in greedy_batch(model, [p.ids for p in prompts], passkey.ANSWER_TOKENS)]
     homer = []

@@ -11,6 +11,11 @@ Paper symbol -> code name:
     N = 2**H leaves, e = ceil(C/N) context tokens per leaf, lpc layers per tree level, lo leftover layers,
     R = P + floor(E/2) + S the default reduced length of a child.
 
+Warm-up layers: the official scripts, `MergeManager` and `homer_args` use W = 12 on Llama-2's 32 layers (only
+`patch()` defaults to 0; HOMER_SPEC.md A, K.9). With `warmup_layers=None` homer_ref keeps that fraction for any
+depth, W = round(12 L / 32), lowered only as far as the tree needs (a tree of height H needs H + 1 <= L - W
+layers): `default_warmup_layers`.
+
 Deviations from the official code (HOMER_SPEC.md N.2.6): every invalid configuration raises a `ValueError`
 naming the constraint and a fix, where the official code crashes or silently lets chunks grow past M
 (lpc = 0). C = 0 is allowed: one leaf holding prefix + suffix, i.e. the plain forward.
@@ -31,7 +36,7 @@ DIAGNOSTIC_REDUCTIONS = ("none",)
 class HomerConfig:
     max_chunk_len: int  # M: the longest chunk, prefix and suffix included
     target_len: int | None = None  # T: length of the final cache; None means T = M (the official default)
-    warmup_layers: int = 0  # W: layers that only the leaves run before any merging
+    warmup_layers: int | None = None  # W: layers only the leaves run; None: the official scripts' rule (below)
     reduction: str = "calibrated"  # calibrated | uncalibrated | random (the paper's ablation modes) | none
     seed: int = 0  # for reduction="random"
 
@@ -149,12 +154,20 @@ def _last_leaf_ok(M: int, P: int, C: int, S: int) -> bool:
     return shape.N == 1 or C - (shape.N - 1) * shape.e > 0
 
 
-def check_config(L: int, config: HomerConfig, P: int, C: int, S: int) -> None:
-    """Raise `ValueError` for every configuration HOMER_SPEC.md N.2.6 forbids; the message suggests a fix."""
+def default_warmup_layers(L: int, M: int, P: int, C: int, S: int) -> int:
+    """The official scripts' warm-up (12 of Llama-2's 32 layers) at L layers, lowered only where the tree needs it."""
+    H = tree_shape(L, M, 0, P, C, S).H  # the tree's height does not depend on W
+    return max(0, min(round(12 * L / 32), L - (H + 1)))
+
+
+def check_config(L: int, config: HomerConfig, P: int, C: int, S: int) -> int:
+    """Raise `ValueError` for every configuration HOMER_SPEC.md N.2.6 forbids (the message suggests a fix);
+    return the warm-up layers W to use (`config.warmup_layers`, or the default rule when it is None)."""
     if not isinstance(config, HomerConfig):
         raise ValueError(f"config must be a HomerConfig(max_chunk_len, target_len, ...), got {type(config).__name__}")
-    M, W = config.max_chunk_len, config.warmup_layers
+    M = config.max_chunk_len
     T = M if config.target_len is None else config.target_len
+    W = 0 if config.warmup_layers is None else config.warmup_layers  # the rule needs the checks below first
     for name, value in (("max_chunk_len", M), ("target_len", T), ("warmup_layers", W), ("seed", config.seed)):
         if isinstance(value, bool) or not isinstance(value, int):
             raise ValueError(f"{name} must be an integer, got {value!r}")
@@ -179,6 +192,8 @@ def check_config(L: int, config: HomerConfig, P: int, C: int, S: int) -> None:
         )
     if W >= L:
         raise ValueError(f"warmup_layers W={W} must be below the number of layers L={L}; use W <= {L - 1}")
+    if config.warmup_layers is None:
+        W = default_warmup_layers(L, M, P, C, S)
     shape = tree_shape(L, M, W, P, C, S)
     E, H, N, e = shape.E, shape.H, shape.N, shape.e
     if shape.lpc == 0:
@@ -203,12 +218,13 @@ def check_config(L: int, config: HomerConfig, P: int, C: int, S: int) -> None:
             f"the last of the {N} leaves would hold {C - (N - 1) * e} context tokens (e={e} per leaf for C={C}): "
             f"it must hold at least one; change max_chunk_len or the context length{hint}"
         )
+    return W
 
 
 def plan(num_layers: int, config: HomerConfig, P: int, C: int, S: int) -> Plan:
     """Every derived quantity of HOMER for a model of `num_layers` layers and an input of lengths P, C, S."""
-    check_config(num_layers, config, P, C, S)
-    L, M, W = num_layers, config.max_chunk_len, config.warmup_layers
+    W = check_config(num_layers, config, P, C, S)
+    L, M = num_layers, config.max_chunk_len
     T = M if config.target_len is None else config.target_len
     E, N0, H, N, e, lpc, lo = tree_shape(L, M, W, P, C, S)  # every field, named
     leaf_context = tuple(min((i + 1) * e, C) - i * e for i in range(N))
