@@ -15,7 +15,6 @@ stdout carries the generated continuation only (so it pipes); settings, the HOME
 
 import argparse
 import math
-import random
 import sys
 import time
 from pathlib import Path
@@ -26,10 +25,33 @@ from homer_ref.homer import homer_generate, homer_prefill
 from homer_ref.homer.calibration import calibrate_on_context, find_bias
 from homer_ref.homer.plan import REDUCTIONS, HomerConfig, plan
 from homer_ref.homer.traversal import plain_kv
+from homer_ref.llama import Llama
 from homer_ref.loading import Tokenizer, check_tokenizer, load_model, load_tokenizer
 from homer_ref.tasks import passkey
 
 CONTEXT_MARKER, SUFFIX_MARKER = "<<<CONTEXT>>>", "<<<SUFFIX>>>"
+
+
+def add_prompt_options(p: argparse.ArgumentParser) -> None:
+    """The model and the prompt, as `generate` takes them (shared with `explain`)."""
+    p.add_argument("--model", help="HF model directory or llama2.c .bin checkpoint (default: the shipped model)")
+    p.add_argument("--tokenizer", help="sentencepiece .model file (default: tokenizer.model in the model directory)")
+    prompt = p.add_mutually_exclusive_group()
+    prompt.add_argument("--prompt", help="prompt text (default: empty, i.e. start from BOS)")
+    prompt.add_argument("--prompt-file", type=Path, help="read the prompt from this UTF-8 file")
+    p.add_argument("--prefix", help="HOMER prefix text (given to every chunk), placed before the prompt")
+    p.add_argument("--suffix", help="HOMER suffix text (e.g. the question), placed after the prompt")
+
+
+def add_homer_options(p: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    """HOMER's settings, as `generate` takes them (shared with `explain`); returns the group."""
+    h = p.add_argument_group("HOMER")
+    h.add_argument("--max-chunk-len", type=int, help="M, affixes included (default: trained context / 2)")
+    h.add_argument("--target-len", type=int, help="T, final cache length (default: M)")
+    h.add_argument("--warmup-layers", type=int, default=0, help="W, layers run by the leaves only (default 0)")
+    h.add_argument("--reduction", choices=REDUCTIONS, default="calibrated", help="token reduction mode")
+    h.add_argument("--bias", type=Path, help="calibration table (default: homer_bias.safetensors in the model dir)")
+    return h
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,31 +61,44 @@ def build_parser() -> argparse.ArgumentParser:
         "the trained context run HOMER. With no arguments: a passkey demo on the shipped model at 8x its "
         "trained context. The continuation goes to stdout, everything else to stderr.",
     )
-    p.add_argument("--model", help="HF model directory or llama2.c .bin checkpoint (default: the shipped model)")
-    p.add_argument("--tokenizer", help="sentencepiece .model file (default: tokenizer.model in the model directory)")
-    prompt = p.add_mutually_exclusive_group()
-    prompt.add_argument("--prompt", help="prompt text (default: empty, i.e. start from BOS)")
-    prompt.add_argument("--prompt-file", type=Path, help="read the prompt from this UTF-8 file")
-    p.add_argument("--prefix", help="HOMER prefix text (given to every chunk), placed before the prompt")
-    p.add_argument("--suffix", help="HOMER suffix text (e.g. the question), placed after the prompt")
+    add_prompt_options(p)
     p.add_argument("--max-new-tokens", type=int, default=100, help="tokens to generate (default 100)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default), > 0 samples")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (default 1)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="compute dtype (default float32)")
-    h = p.add_argument_group("HOMER")
+    h = add_homer_options(p)
     h.add_argument(
         "--mode",
         choices=["auto", "plain", "homer"],
         default="auto",
         help="auto (default): plain if the prompt fits the trained context, else HOMER",
     )
-    h.add_argument("--max-chunk-len", type=int, help="M, affixes included (default: trained context / 2)")
-    h.add_argument("--target-len", type=int, help="T, final cache length (default: M)")
-    h.add_argument("--warmup-layers", type=int, default=0, help="W, layers run by the leaves only (default 0)")
-    h.add_argument("--reduction", choices=REDUCTIONS, default="calibrated", help="token reduction mode")
-    h.add_argument("--bias", type=Path, help="calibration table (default: homer_bias.safetensors in the model dir)")
     return p
+
+
+def check_homer_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Usage errors for the prompt and HOMER options that argparse cannot check alone."""
+    for name in ("max_new_tokens", "warmup_layers"):
+        if getattr(args, name) < 0:
+            parser.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    for name in ("max_chunk_len", "target_len"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.model is None and (args.prompt is not None or args.prompt_file is not None):
+        parser.error("--prompt needs --model (without --model the shipped passkey demo runs)")
+
+
+def read_prompt(parser: argparse.ArgumentParser, args: argparse.Namespace) -> str:
+    """The prompt text of --prompt or --prompt-file (empty without either)."""
+    if args.prompt_file is None:
+        return args.prompt or ""
+    try:
+        return args.prompt_file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        parser.error(f"--prompt-file {args.prompt_file} is not UTF-8 text ({e.reason}); re-save it as UTF-8")
+    except OSError as e:
+        parser.error(f"--prompt-file {args.prompt_file}: {e.strerror}")
 
 
 def split_prompt(text: str, prefix: str | None, suffix: str | None) -> tuple[str, str, str]:
@@ -90,28 +125,14 @@ def encode_parts(tok: Tokenizer, prefix: str, context: str, suffix: str, max_suf
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    for name in ("max_new_tokens", "warmup_layers"):
-        if getattr(args, name) < 0:
-            parser.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    check_homer_options(parser, args)
     if not 0 <= args.temperature < math.inf:  # NaN fails too
         parser.error(f"--temperature must be a finite number >= 0, got {args.temperature}")
-    for name in ("max_chunk_len", "target_len"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if not 0 < args.top_p <= 1:
         parser.error(f"--top-p must be in (0, 1], got {args.top_p}")
     if args.model is None:
-        if args.prompt is not None or args.prompt_file is not None:
-            parser.error("--prompt needs --model (without --model the shipped passkey demo runs)")
         return passkey_demo(args)
-    text = args.prompt or ""
-    if args.prompt_file is not None:
-        try:
-            text = args.prompt_file.read_text(encoding="utf-8")
-        except UnicodeDecodeError as e:
-            parser.error(f"--prompt-file {args.prompt_file} is not UTF-8 text ({e.reason}); re-save it as UTF-8")
-        except OSError as e:
-            parser.error(f"--prompt-file {args.prompt_file}: {e.strerror}")
+    text = read_prompt(parser, args)
     t0 = time.perf_counter()
     model = load_model(args.model, dtype=DTYPES[args.dtype])
     set_threads_for(model)
@@ -176,26 +197,27 @@ def run_homer(model, args, M: int, prefix_ids, context_ids, suffix_ids, model_pa
     return cache
 
 
+def load_shipped_model(dtype: str) -> tuple[Llama, Tokenizer]:
+    """The shipped passkey model and its tokenizer (the commands' demos run on it)."""
+    if not (passkey.SHIPPED_MODEL / "config.json").is_file():
+        raise ValueError(
+            f"the shipped model is missing ({passkey.SHIPPED_MODEL}); reinstall homer_ref or pass --model DIR"
+        )
+    model = load_model(passkey.SHIPPED_MODEL, dtype=DTYPES[dtype])
+    set_threads_for(model)
+    return model, load_tokenizer(passkey.SHIPPED_MODEL)
+
+
 def passkey_demo(args) -> int:
     """No arguments: HOMER reads a passkey prompt at 8x the shipped model's trained context.
 
     stdout: HOMER's answer. stderr: the plan, the true passkey, and what plain inference answers on the same prompt.
     """
 
-    if not (passkey.SHIPPED_MODEL / "config.json").is_file():
-        raise ValueError(
-            f"the shipped model is missing ({passkey.SHIPPED_MODEL}); reinstall homer_ref or pass --model DIR"
-        )
-    model = load_model(passkey.SHIPPED_MODEL, dtype=DTYPES[args.dtype])
-    set_threads_for(model)
-    tokenizer = load_tokenizer(passkey.SHIPPED_MODEL)
+    model, tokenizer = load_shipped_model(args.dtype)
     trained = model.cfg.max_position_embeddings
-    prefix, context, suffix, key = passkey.make_sample(random.Random(args.seed), 8 * trained - passkey.ANSWER_ROOM)
-    parts = (
-        tokenizer.encode(prefix, bos=True),
-        tokenizer.encode(context, bos=False),
-        tokenizer.encode(suffix, bos=False),
-    )
+    prompt = passkey.demo_prompt(tokenizer, trained, args.seed)
+    parts, key = (prompt.prefix, prompt.context, prompt.suffix), prompt.passkey
     total = sum(map(len, parts))
     progress(f"passkey demo: shipped model (trained context {trained}), prompt {total} tokens = {total / trained:.1f}x")
     # The demo uses the M its model card measures with (as `eval passkey` does): the trained context less the answer's
