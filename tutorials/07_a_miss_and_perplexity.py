@@ -16,7 +16,7 @@ from common import demo_config, demo_prompt, passkey_model, pieces, stories_docu
 
 from homer_ref.cli.eval import build_parser, perplexity_nll
 from homer_ref.decoding import generate_plain
-from homer_ref.homer import continuation_logits, homer_generate, homer_prefill
+from homer_ref.homer import HomerConfig, continuation_logits, homer_generate, homer_prefill
 from homer_ref.homer.calibration import calibrate_on_context
 from homer_ref.homer.chunking import leaf_span
 from homer_ref.tasks import passkey
@@ -84,7 +84,7 @@ for leaf in sorted(set(leaf_of.values())):
 
 # %%
 start, stop = leaf_span(p, 2)
-window = lambda a, b: prompt.prefix + prompt.context[a:b] + prompt.suffix  # noqa: E731
+window = lambda a, b: prompt.prefix + prompt.context[a:b] + prompt.suffix
 leaf_alone = tok.decode(generate_plain(model, window(start, stop), passkey.ANSWER_TOKENS))
 shifted = tok.decode(generate_plain(model, window(start - 20, stop - 20), passkey.ANSWER_TOKENS))
 moved = homer_prefill(model, prompt.prefix, prompt.context[11:], prompt.suffix, demo_config(), bias=bias)
@@ -141,7 +141,7 @@ def score(first_target: int, rows: torch.Tensor) -> None:  # rows[j] predicts to
 score(1, lm(torch.tensor([ids[: 2 * ev]]))[0])  # step 1: targets 1 .. 2ev
 for end in range(2 * ev, len(ids), ev):  # step 2
     prefix, context, suffix = ids[:P_ppl], ids[P_ppl : end - S_ppl], ids[end - S_ppl : end]
-    part = homer_prefill(lm, prefix, context, suffix, demo_config(max_chunk_len=M), bias=ppl_bias)
+    part = homer_prefill(lm, prefix, context, suffix, HomerConfig(max_chunk_len=M), bias=ppl_bias)
     score(end + 1, continuation_logits(lm, part, ids[end : end + ev]))
     print(f"  end {end}: {end} tokens -> {len(part.positions)} cached slots, positions <= {int(part.positions.max())}")
 assert sorted(nll) == list(range(1, len(ids))), "every token predicted once"

@@ -39,6 +39,7 @@ from homer_ref.loading import Tokenizer, check_tokenizer, load_model, load_token
 from homer_ref.tasks import passkey
 
 COLLAPSE = 4  # a run of at least this many removed, unmarked slots is drawn as one "... n pruned ..."
+BYTE_PIECES = {"<0x0A>": "↵", "<0x09>": "⇥"}  # byte-fallback pieces drawn as a symbol
 LEAF_WIDTH, BOX_WIDTH, BOX_HEIGHT, LEVEL_HEIGHT, MARGIN = 84, 76, 62, 92, 8  # the SVG tree's geometry, in px
 
 CSS = """
@@ -68,10 +69,12 @@ del.t.m { background: #fcc; color: #900; }
 
 
 def token_pieces(tokenizer: Tokenizer, ids: Sequence[int]) -> list[str]:
-    """Display text of each token: sentencepiece's '▁' as a space, control characters as their code."""
+    """Display text of each token: sentencepiece's '▁' as a space, a newline as ↵, other control characters as
+    their code."""
     out = []
     for t in ids:
         text = tokenizer.piece(t).replace("\u2581", " ")
+        text = BYTE_PIECES.get(text, text)  # sentencepiece's byte fallback, e.g. "<0x0A>" for a newline
         out.append("".join(c if c >= " " else f"\\x{ord(c):02x}" for c in text))
     return out
 
@@ -117,11 +120,8 @@ def token_spans(cache: HomerCache, trace: NodeTrace, pieces: Sequence[str], mark
             j = run
             continue
         part, i = cache.plan.part(sources[j])
-        cls = (
-            ["t", "r" if j in removed else "k"]
-            + (["a"] if part != "context" else [])
-            + (["m"] if sources[j] in marked else [])
-        )
+        cls = "t " + ("r" if j in removed else "k") + (" a" if part != "context" else "")
+        cls += " m" if sources[j] in marked else ""
         tip = f"slot {j} · position {positions[j]} · {part} {i}"
         style = None
         if j in ranks:
@@ -130,9 +130,25 @@ def token_spans(cache: HomerCache, trace: NodeTrace, pieces: Sequence[str], mark
             if j not in removed:  # strongest colour for the most significant slot
                 style = f"background: hsl(30, 95%, {50 + 46 * rank / max(1, total - 1):.0f}%)"
         tag = "del" if j in removed else "span"
-        attrs = attributes(cls=" ".join(cls), data_slot=j, data_source=sources[j], data_position=positions[j])
+        attrs = attributes(cls=cls, data_slot=j, data_source=sources[j], data_position=positions[j])
         out.append(f"<{tag}{attrs}{attributes(style=style, title=tip)}>{escape(pieces[sources[j]])}</{tag}>")
         j += 1
+    return "".join(out)
+
+
+def slot_strip(cache: HomerCache, trace: NodeTrace, left: float, top: float, marked: Collection[int]) -> str:
+    """A node's input slots as one bar, left to right: context kept / removed, affixes, and ticks for marked ones."""
+    sources, removed, width = trace.input_sources.tolist(), set(trace.removed.tolist()), BOX_WIDTH - 4
+    n = len(sources)
+    kinds = ["r" if j in removed else "a" if cache.plan.part(s)[0] != "context" else "k" for j, s in enumerate(sources)]
+    out, start = [], 0
+    for j in range(1, n + 1):  # one rect per run of equal kinds
+        if j == n or kinds[j] != kinds[start]:
+            x, w = left + width * start / n, width * (j - start) / n
+            out.append(f'<rect class="{kinds[start]}" x="{x:.2f}" y="{top}" width="{w:.2f}" height="8"/>')
+            start = j
+    for j in (j for j, s in enumerate(sources) if s in marked):
+        out.append(f'<rect class="m" x="{left + width * j / n:.2f}" y="{top - 2}" width="1.5" height="12"/>')
     return "".join(out)
 
 
@@ -155,8 +171,7 @@ def tree_svg(cache: HomerCache, marked: Collection[int]) -> str:
     for t in cache.nodes:
         x, y = box(t.level, t.index)
         left, n, removed = x - BOX_WIDTH / 2, len(t.input_sources), set(t.removed.tolist())
-        sources = t.input_sources.tolist()
-        held = [j for j, s in enumerate(sources) if s in marked]
+        held = [j for j, s in enumerate(t.input_sources.tolist()) if s in marked]
         lines = [
             (f"{node_name(t, p.H)}", "name"),
             (f"layers {t.layers[0]}–{t.layers[1] - 1}", ""),
@@ -170,21 +185,7 @@ def tree_svg(cache: HomerCache, marked: Collection[int]) -> str:
                 parts.append(
                     f'<text x="{x:.1f}" y="{y + 12 + 11 * k}"{attributes(cls=cls or None)}>{escape(text)}</text>'
                 )
-        kinds = [
-            "r" if j in removed else "a" if cache.plan.part(s)[0] != "context" else "k" for j, s in enumerate(sources)
-        ]
-        start = 0
-        for j in range(1, n + 1):  # one rect per run of equal kinds
-            if j == n or kinds[j] != kinds[start]:
-                parts.append(
-                    f'<rect class="{kinds[start]}" x="{left + 2 + (BOX_WIDTH - 4) * start / n:.2f}" y="{y + 50}" '
-                    f'width="{(BOX_WIDTH - 4) * (j - start) / n:.2f}" height="8"/>'
-                )
-                start = j
-        for j in held:
-            parts.append(
-                f'<rect class="m" x="{left + 2 + (BOX_WIDTH - 4) * j / n:.2f}" y="{y + 48}" width="1.5" height="12"/>'
-            )
+        parts.append(slot_strip(cache, t, left + 2, y + 50, marked))
         parts.append("</a>")
     parts.append("</svg>")
     return "".join(parts)
