@@ -128,7 +128,8 @@ def gap(ours: torch.Tensor, theirs: np.ndarray) -> float:
 
 h_np = llama_np.embed(np_config, np_weights, np.array(ids))  # [T, D]
 diffs = {"embedding": gap(steps["embedding"][0], h_np)}
-print("max |float32 torch - float64 oracle|:  attention   keys   last_logits   MLP")
+print("max |float32 torch - float64 oracle|, by layer:")
+print(" " * 9 + "".join(f"{name:>12s}" for name in ("attention", "keys", "last_logits", "MLP")))
 for layer in range(cfg.num_hidden_layers):
     h_np, k_np, _, ll_np = llama_np.attention_layer(np_config, np_weights, layer, h_np, positions.numpy())
     row = {"attention": gap(steps[f"layer {layer} attention"][0], h_np), "keys": gap(keys[layer][0], k_np)}
@@ -136,10 +137,10 @@ for layer in range(cfg.num_hidden_layers):
     h_np = llama_np.mlp_layer(np_config, np_weights, layer, h_np)
     row["MLP"] = gap(steps[f"layer {layer} MLP"][0], h_np)
     diffs |= {f"layer {layer} {name}": d for name, d in row.items()}
-    print(f"  layer {layer}" + " ".join(f"{d:12.1e}" for d in row.values()))
+    print(f"  layer {layer}" + "".join(f"{d:12.1e}" for d in row.values()))
 oracle_logits = llama_np.final_logits(np_config, np_weights, h_np)  # [T, V]
 diffs["logits"] = gap(logits[0], oracle_logits)
-print(f"  logits {diffs['logits']:.1e}")
+print(f"  logits {diffs['logits']:12.1e}")
 diff64 = gap(copy.deepcopy(model).double()(x)[0], oracle_logits)
 print(f"the same model in float64: logits differ by {diff64:.1e} (float32 rounding, not a disagreement)")
 
