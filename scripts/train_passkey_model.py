@@ -295,22 +295,10 @@ def save_model(model: Llama, out: Path, tokenizer_proto: bytes, meta: dict) -> N
     (out / "training.json").write_text(json.dumps(meta, indent=2) + "\n")
 
 
-def calibration_windows(tok, seed: int, count: int, length: int) -> list[list[int]]:
-    """Windows of BOS + plain filler (no passkey), exactly `length` tokens each."""
-    rng = random.Random(seed)
-    windows = []
-    for _ in range(count):
-        ids = [tok.bos_id]
-        while len(ids) < length:
-            ids += tok.encode(rng.choice(passkey.FILLER), bos=False)
-        windows.append(ids[:length])
-    return windows
-
-
 def save_bias(out: Path, seed: int) -> None:
     model = load_model(out)  # the float16-rounded weights that ship, loaded as float32
     tok = load_tokenizer(out)
-    bias = calibrate(model, calibration_windows(tok, seed + 1, BIAS_WINDOWS, TRAINED_CONTEXT))
+    bias = calibrate(model, passkey.filler_windows(tok, seed + 1, BIAS_WINDOWS, TRAINED_CONTEXT))
     meta = {"max_chunk_len": str(TRAINED_CONTEXT), "samples": str(BIAS_WINDOWS), "text": "passkey filler"}
     save_file({"bias": bias.contiguous()}, str(out / "homer_bias.safetensors"), metadata=meta)
 

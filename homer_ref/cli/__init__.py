@@ -6,5 +6,6 @@ compare    the first divergence between two traces
 calibrate  the calibration bias table from a text
 eval       passkey retrieval and perplexity: plain vs RoPE scaling vs HOMER
 bench      memory and speed benchmarks
+explain    a picture (one HTML file) of which tokens HOMER kept where in its tree
 common     what every command shares: one-line errors, exit codes, progress, atomic writes
 """

@@ -27,19 +27,15 @@ from homer_ref.homer import homer_generate, homer_prefill
 from homer_ref.homer.calibration import calibrate_on_context, find_bias
 from homer_ref.homer.plan import REDUCTIONS, HomerConfig, plan
 from homer_ref.homer.traversal import plain_kv
+from homer_ref.llama import Llama
 from homer_ref.loading import Tokenizer, check_tokenizer, load_model, load_tokenizer
 from homer_ref.tasks import passkey
 
 CONTEXT_MARKER, SUFFIX_MARKER = "<<<CONTEXT>>>", "<<<SUFFIX>>>"
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m homer_ref.generate",
-        description="Continue a prompt with a Llama model (HF directory or llama2.c .bin); prompts longer than "
-        "the trained context run HOMER. With no arguments: a passkey demo on the shipped model at 8x its "
-        "trained context. The continuation goes to stdout, everything else to stderr.",
-    )
+def add_prompt_options(p: argparse.ArgumentParser) -> None:
+    """The model and the prompt, as `generate` takes them (shared with `explain`)."""
     p.add_argument("--model", help="HF model directory or llama2.c .bin checkpoint (default: the shipped model)")
     p.add_argument("--tokenizer", help="sentencepiece .model file (default: tokenizer.model in the model directory)")
     prompt = p.add_mutually_exclusive_group()
@@ -47,18 +43,11 @@ def build_parser() -> argparse.ArgumentParser:
     prompt.add_argument("--prompt-file", type=Path, help="read the prompt from this UTF-8 file")
     p.add_argument("--prefix", help="HOMER prefix text (given to every chunk), placed before the prompt")
     p.add_argument("--suffix", help="HOMER suffix text (e.g. the question), placed after the prompt")
-    p.add_argument("--max-new-tokens", type=int, default=100, help="tokens to generate (default 100)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default), > 0 samples")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (default 1)")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="compute dtype (default float32)")
+
+
+def add_homer_options(p: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    """HOMER's settings, as `generate` takes them (shared with `explain`); returns the group."""
     h = p.add_argument_group("HOMER")
-    h.add_argument(
-        "--mode",
-        choices=["auto", "plain", "homer"],
-        default="auto",
-        help="auto (default): plain if the prompt fits the trained context, else HOMER",
-    )
     h.add_argument("--max-chunk-len", type=int, help="M, affixes included (default: trained context / 2)")
     h.add_argument("--target-len", type=int, help="T, final cache length (default: M)")
     h.add_argument(
@@ -68,7 +57,54 @@ def build_parser() -> argparse.ArgumentParser:
     )
     h.add_argument("--reduction", choices=REDUCTIONS, default="calibrated", help="token reduction mode")
     h.add_argument("--bias", type=Path, help="calibration table (default: homer_bias.safetensors in the model dir)")
+    return h
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m homer_ref.generate",
+        description="Continue a prompt with a Llama model (HF directory or llama2.c .bin); prompts longer than "
+        "the trained context run HOMER. With no arguments: a passkey demo on the shipped model at 8x its "
+        "trained context. The continuation goes to stdout, everything else to stderr.",
+    )
+    add_prompt_options(p)
+    p.add_argument("--max-new-tokens", type=int, default=100, help="tokens to generate (default 100)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default), > 0 samples")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (default 1)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="compute dtype (default float32)")
+    h = add_homer_options(p)
+    h.add_argument(
+        "--mode",
+        choices=["auto", "plain", "homer"],
+        default="auto",
+        help="auto (default): plain if the prompt fits the trained context, else HOMER",
+    )
     return p
+
+
+def check_homer_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Usage errors for the prompt and HOMER options that argparse cannot check alone."""
+    for name in ("max_new_tokens", "warmup_layers"):
+        if getattr(args, name) is not None and getattr(args, name) < 0:
+            parser.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    for name in ("max_chunk_len", "target_len"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.model is None and (args.prompt is not None or args.prompt_file is not None):
+        parser.error("--prompt needs --model (without --model the shipped passkey demo runs)")
+
+
+def read_prompt(parser: argparse.ArgumentParser, args: argparse.Namespace) -> str:
+    """The prompt text of --prompt or --prompt-file (empty without either)."""
+    if args.prompt_file is None:
+        return args.prompt or ""
+    try:
+        return args.prompt_file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        parser.error(f"--prompt-file {args.prompt_file} is not UTF-8 text ({e.reason}); re-save it as UTF-8")
+    except OSError as e:
+        parser.error(f"--prompt-file {args.prompt_file}: {e.strerror}")
 
 
 def split_prompt(text: str, prefix: str | None, suffix: str | None) -> tuple[str, str, str]:
@@ -95,28 +131,14 @@ def encode_parts(tok: Tokenizer, prefix: str, context: str, suffix: str, max_suf
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    for name in ("max_new_tokens", "warmup_layers"):
-        if getattr(args, name) is not None and getattr(args, name) < 0:
-            parser.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    check_homer_options(parser, args)
     if not 0 <= args.temperature < math.inf:  # NaN fails too
         parser.error(f"--temperature must be a finite number >= 0, got {args.temperature}")
-    for name in ("max_chunk_len", "target_len"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if not 0 < args.top_p <= 1:
         parser.error(f"--top-p must be in (0, 1], got {args.top_p}")
     if args.model is None:
-        if args.prompt is not None or args.prompt_file is not None:
-            parser.error("--prompt needs --model (without --model the shipped passkey demo runs)")
         return passkey_demo(args)
-    text = args.prompt or ""
-    if args.prompt_file is not None:
-        try:
-            text = args.prompt_file.read_text(encoding="utf-8")
-        except UnicodeDecodeError as e:
-            parser.error(f"--prompt-file {args.prompt_file} is not UTF-8 text ({e.reason}); re-save it as UTF-8")
-        except OSError as e:
-            parser.error(f"--prompt-file {args.prompt_file}: {e.strerror}")
+    text = read_prompt(parser, args)
     t0 = time.perf_counter()
     model = load_model(args.model, dtype=DTYPES[args.dtype])
     set_threads_for(model)
@@ -181,22 +203,31 @@ def run_homer(model, args, M: int, prefix_ids, context_ids, suffix_ids, model_pa
     return cache
 
 
+def load_shipped_model(dtype: str) -> tuple[Llama, Tokenizer]:
+    """The shipped passkey model and its tokenizer (the commands' demos run on it)."""
+    if not (passkey.SHIPPED_MODEL / "config.json").is_file():
+        raise ValueError(
+            f"the shipped model is missing ({passkey.SHIPPED_MODEL}); reinstall homer_ref or pass --model DIR"
+        )
+    model = load_model(passkey.SHIPPED_MODEL, dtype=DTYPES[dtype])
+    set_threads_for(model)
+    return model, load_tokenizer(passkey.SHIPPED_MODEL)
+
+
 DEMO_PROMPTS = 16  # prompts at 8x the trained context: a score, not an anecdote, in ~12 s on one core
 
 
 def passkey_demo(args) -> int:
     """No arguments: the shipped model reads passkey prompts 8x longer than its trained context, plain and with HOMER.
 
-    stderr: both scores over DEMO_PROMPTS prompts, then one prompt in full where plain inference fails and HOMER
-    answers right, with HOMER's plan. stdout: HOMER's continuation of that one prompt.
+    The prompts are `passkey.demo_prompt` for seeds --seed, --seed + 1, ... stderr: both scores, then one prompt in
+    full where plain inference fails and HOMER answers right, with HOMER's plan. stdout: HOMER's continuation of
+    that one prompt.
     """
-    if not (passkey.SHIPPED_MODEL / "config.json").is_file():
-        raise ValueError(f"the shipped model is missing ({passkey.SHIPPED_MODEL}); reinstall homer_ref")
-    model = load_model(passkey.SHIPPED_MODEL, dtype=DTYPES[args.dtype])
-    set_threads_for(model)
-    tok = load_tokenizer(passkey.SHIPPED_MODEL)
+    model, tok = load_shipped_model(args.dtype)
     trained = model.cfg.max_position_embeddings
-    prompts = passkey.passkey_prompts(tok, 8 * trained, DEMO_PROMPTS, args.seed)  # the prompts `eval passkey` uses
+    seeds = range(args.seed, args.seed + DEMO_PROMPTS)
+    prompts = [passkey.demo_prompt(tok, trained, seed) for seed in seeds]
     # M as the model card measures it: the trained context less the answer's room, so that every generated
     # position stays inside the trained range.
     M = args.max_chunk_len or trained - passkey.ANSWER_ROOM
@@ -219,7 +250,8 @@ def passkey_demo(args) -> int:
     shown = next((i for i in range(len(prompts)) if homer_ok[i] and not plain_ok[i]), 0)
     p = prompts[shown]
     text = tok.decode(p.ids).replace(sentence := passkey.passkey_sentence(p.passkey), f">>> {sentence} <<<")
-    progress(f"prompt {shown} in full ({len(p.ids)} tokens; the passkey sentence between >>> <<<):")
+    progress(f"the prompt of seed {seeds[shown]} in full ({len(p.ids)} tokens; the passkey sentence between >>> <<<;"
+             f" `python -m homer_ref.explain --seed {seeds[shown]} --out x.html` draws what HOMER kept):")  # fmt: skip
     progress(textwrap.fill(text, width=110, initial_indent="  ", subsequent_indent="  "))
     cache = run_homer(model, args, M, p.prefix, p.context, p.suffix, passkey.SHIPPED_MODEL)
     new_tokens = args.max_new_tokens if args.max_new_tokens != 100 else passkey.ANSWER_TOKENS

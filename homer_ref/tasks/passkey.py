@@ -141,6 +141,19 @@ class PasskeyPrompt:
         return self.prefix + self.context + self.suffix
 
 
+def encode_prompt(tok, prefix: str, context: str, suffix: str, passkey: int) -> PasskeyPrompt:
+    """A sample's texts as token ids, split as HOMER reads them: BOS (+ instruction) | haystack | question."""
+    context_ids = tok.encode(context, bos=False)
+    digits = {t for t in set(context_ids) if tok.decode([t]).strip().isdigit()}
+    return PasskeyPrompt(
+        tok.encode(prefix, bos=True) if prefix else [tok.bos_id],
+        context_ids,
+        tok.encode(suffix, bos=False),
+        passkey,
+        [i for i, t in enumerate(context_ids) if t in digits],
+    )
+
+
 def passkey_prompts(tok, length: int, samples: int, seed: int, instruction: bool = False) -> list[PasskeyPrompt]:
     """`samples` prompts of `length - ANSWER_ROOM` tokens, depths stratified over [0, 1], all seeded.
 
@@ -150,16 +163,24 @@ def passkey_prompts(tok, length: int, samples: int, seed: int, instruction: bool
     for s in range(samples):
         rng = random.Random(f"passkey:{seed}:{length}:{s}")
         depth = (s + rng.random()) / samples
-        prefix, context, suffix, key = make_sample(rng, length - ANSWER_ROOM, depth, instruction)
-        context_ids = tok.encode(context, bos=False)
-        digits = {t for t in set(context_ids) if tok.decode([t]).strip().isdigit()}
-        prompts.append(
-            PasskeyPrompt(
-                tok.encode(prefix, bos=True) if prefix else [tok.bos_id],
-                context_ids,
-                tok.encode(suffix, bos=False),
-                key,
-                [i for i, t in enumerate(context_ids) if t in digits],
-            )
-        )
+        prompts.append(encode_prompt(tok, *make_sample(rng, length - ANSWER_ROOM, depth, instruction)))
     return prompts
+
+
+def demo_prompt(tok, trained_context: int, seed: int = 0, multiple: float = 8) -> PasskeyPrompt:
+    """The demo's prompt: `multiple` times the trained context less the answer's room, the passkey at a random
+    depth, all drawn from `random.Random(seed)` (`python -m homer_ref.generate` and `homer_ref.explain`)."""
+    return encode_prompt(tok, *make_sample(random.Random(seed), round(multiple * trained_context) - ANSWER_ROOM))
+
+
+def filler_windows(tok, seed: int, count: int, length: int) -> list[list[int]]:
+    """`count` windows of BOS + filler sentences (no passkey), exactly `length` tokens each: ordinary text of
+    this task for calibration (the shipped `homer_bias.safetensors` is `calibrate` on 32 of 256, seed 1)."""
+    rng = random.Random(seed)
+    windows = []
+    for _ in range(count):
+        ids = [tok.bos_id]
+        while len(ids) < length:
+            ids += tok.encode(rng.choice(FILLER), bos=False)
+        windows.append(ids[:length])
+    return windows
