@@ -291,12 +291,14 @@ def build_bad_inputs(root: Path, good_dir: Path, stories_dir: Path | None) -> di
     from homer_ref.decoding import generate_plain
 
     tokenizer = stories_dir / "tok512.model" if stories_dir else root / "unused.model"
+    ids = root / "ids.json"  # the models have no tokenizer: token ids in, token ids out
+    ids.write_text("[1, 2]")
 
     def copy(name: str) -> Path:
         return Path(shutil.copytree(good_dir, root / name))
 
     def model_case(path: Path, *names: str) -> BadInput:
-        argv = ["--model", str(path), "--tokenizer", str(tokenizer), "--max-new-tokens", "3"]
+        argv = ["--model", str(path), "--prompt-ids", str(ids), "--print-ids", "--max-new-tokens", "3"]
         return BadInput(argv, lambda: load_model(path), CheckpointError, names)
 
     cases = {}
@@ -341,7 +343,7 @@ def build_bad_inputs(root: Path, good_dir: Path, stories_dir: Path | None) -> di
         generate_plain(load_model(good_dir), [1, 2], -1)
 
     cases["--max-new-tokens -1"] = BadInput(
-        ["--model", str(good_dir), "--tokenizer", str(tokenizer), "--max-new-tokens", "-1"],
+        ["--model", str(good_dir), "--prompt-ids", str(ids), "--print-ids", "--max-new-tokens", "-1"],
         negative_tokens,
         ValueError,
         ("must be >= 0, got -1",),

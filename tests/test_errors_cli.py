@@ -78,6 +78,8 @@ def ctx(tmp_path_factory):
     files["tok72"] = train_tokenizer(r / "tok72.model", 72)
     files["garbage"] = r / "garbage.bin"
     files["garbage"].write_bytes(b"\x8f\x01" * 50)
+    files["garbage_model"] = r / "garbage.model"
+    files["garbage_model"].write_bytes(b"\x8f\x01" * 50)
     files["nan_model"] = Path(shutil.copytree(MHA, r / "nan_model"))
     tensors = load_file(MHA / "model.safetensors")
     tensors["model.layers.3.mlp.up_proj.weight"][0, 0] = float("nan")
@@ -120,7 +122,7 @@ GENERATE = {
     "model with a NaN weight": (["--model", "{nan_model}"], 2, ("model.layers.3.mlp.up_proj.weight", "NaN/Inf")),
     "truncated safetensors": (["--model", "{cut_model}"], 2, ("model.safetensors", "not a readable safetensors")),
     "pickled checkpoint": (["--model", "{pickle}"], 2, ("pickled PyTorch checkpoint",)),
-    "tokenizer of random bytes": (["--tokenizer", "{garbage}"], 2, ("garbage.bin", "not a sentencepiece model")),
+    "tokenizer of random bytes": (["--tokenizer", "{garbage_model}"], 2, ("garbage.model", "not a sentencepiece model")),
     "tokenizer of another vocabulary": (["--tokenizer", "{tok72}"], 2, ("72 pieces", "vocabulary is 64")),
     "prompt file not UTF-8": (["--prompt-file", "{latin1.txt}"], 2, ("latin1.txt is not UTF-8", "re-save")),
     "prompt file that does not exist": (["--prompt-file", "{root}/absent.txt"], 2, ("No such file",)),
@@ -302,7 +304,10 @@ EVAL = {  # the eval command is still being written: only cases that hold for an
     "no task": ([], 2, ("required: task",)),
     "perplexity without a model": (["perplexity"], 2, ("required: --model",)),
     "perplexity on a model that does not exist": (["perplexity", "--model", "{root}/absent"], 2, ("absent",)),
-    "perplexity on a model with a NaN weight": (["perplexity", "--model", "{nan_model}"], 2, ("NaN/Inf",)),
+    "perplexity on a model with a NaN weight": (["perplexity", "--model", "{nan_model}", "--tokenizer", "{tok}"], 2,
+                                                ("NaN/Inf",)),
+    "perplexity sampling on a model without BOS": (["perplexity", "--model", "{model}"], 2,
+                                                   ("BOS", "bos_token_id", "--tokenizer")),
     "perplexity of a text that is not UTF-8": (["perplexity", "--model", "{model}", "--tokenizer", "{tok}",
                                                 "--text", "{latin1.txt}", "--length", "1"], 2, ("UTF-8",)),
 }  # fmt: skip

@@ -141,11 +141,17 @@ class PasskeyPrompt:
         return self.prefix + self.context + self.suffix
 
 
-def passkey_prompts(tok, length: int, samples: int, seed: int, instruction: bool = False) -> list[PasskeyPrompt]:
+def passkey_prompts(
+    tok, length: int, samples: int, seed: int, instruction: bool = False, chat: bool = False
+) -> list[PasskeyPrompt]:
     """`samples` prompts of `length - ANSWER_ROOM` tokens, depths stratified over [0, 1], all seeded.
 
-    `tok` is a `homer_ref.Tokenizer`; the prefix is BOS (+ the instruction), the suffix the question.
+    `tok` is a `homer_ref.Tokenizer`; the prefix is BOS when the model adds one (+ the instruction), the suffix the
+    question. With `chat`, the chat template's opening joins the prefix and its closing the suffix (`chat_affixes`),
+    and BOS is the template's own. Lengths count the shipped tokenizer's tokens (`count_tokens`): with another
+    tokenizer the prompts are longer or shorter than `length`.
     """
+    opening, closing = tok.chat_affixes() if chat else ("", "")
     prompts = []
     for s in range(samples):
         rng = random.Random(f"passkey:{seed}:{length}:{s}")
@@ -155,9 +161,9 @@ def passkey_prompts(tok, length: int, samples: int, seed: int, instruction: bool
         digits = {t for t in set(context_ids) if tok.decode([t]).strip().isdigit()}
         prompts.append(
             PasskeyPrompt(
-                tok.encode(prefix, bos=True) if prefix else [tok.bos_id],
+                tok.encode(opening + prefix, bos=False if chat else None),
                 context_ids,
-                tok.encode(suffix, bos=False),
+                tok.encode(suffix + closing, bos=False),
                 key,
                 [i for i, t in enumerate(context_ids) if t in digits],
             )
