@@ -321,7 +321,9 @@ TOKENIZER = {
     "random bytes": Case(lambda r: write(r / "g.model", b"\x8f\x01" * 50), CheckpointError,
                          ("g.model", "not a sentencepiece model")),
     "empty file": Case(lambda r: write(r / "e.model", b""), CheckpointError, ("e.model", "not a sentencepiece model")),
-    "a text file": Case(lambda r: write(r / "notes.txt", b"hello"), CheckpointError, ("notes.txt", "not a sentencepiece model")),
+    "a text file": Case(
+        lambda r: write(r / "notes.txt", b"hello"), CheckpointError, ("notes.txt", "not a sentencepiece model")
+    ),
     "a JSON file that is not a tokenizer.json": Case(
         lambda r: MHA / "config.json", CheckpointError, ("config.json", "not a readable tokenizer.json")
     ),
