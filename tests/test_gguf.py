@@ -19,8 +19,16 @@ from homer_ref import load_model, load_tokenizer
 from homer_ref.loading import checkpoint_names, load_config
 
 pytest.importorskip("gguf", reason="needs the models extra: pip install 'homer_ref[models]'")
-TINY = dict(vocab_size=512, hidden_size=256, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2,
-            head_dim=64, max_position_embeddings=64, num_hidden_layers=2)  # fmt: skip  (K-quants need rows of 256)
+TINY = dict(
+    vocab_size=512,
+    hidden_size=256,
+    intermediate_size=256,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=64,
+    max_position_embeddings=64,
+    num_hidden_layers=2,
+)  # fmt: skip  (K-quants need rows of 256)
 TOKENIZER = STORIES_DIR / "tok512.model"
 TEXT = "Once upon a time, there was a little girl named Lily. She loved to play outside in the park with her dog."
 
