@@ -10,7 +10,6 @@
 - Config from metadata: tied output when `output.weight` is absent, RoPE theta, GQA, trained context.
 """
 
-import numpy as np
 import pytest
 import torch
 from helpers import GGUF_TYPES, STORIES_DIR, assert_close, hf_logits, make_hf_llama, our_logits, write_tiny_gguf

@@ -8,9 +8,9 @@ model's known answer to a question. The model is loaded once per module (135M pa
 
 import json
 
+import numpy as np
 import pytest
 import torch
-import numpy as np
 from helpers import GGUF_NAMES, assert_close, gguf_to_hf_rows, hf_logits, our_logits
 
 from homer_ref import load_model, load_tokenizer

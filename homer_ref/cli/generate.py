@@ -191,13 +191,23 @@ def main(argv: list[str] | None = None) -> int:
     if given_ids is None:
         full = (args.prefix or "") + text + (args.suffix or "")
         given_ids = tokenizer.encode(opening + full + closing, bos=False if args.chat else None)
-    model = open_model(
-        args.model, tokenizer, DTYPES[args.dtype], lambda cfg: check_ids(given_ids, cfg.vocab_size, "the prompt")
-    )
+    mode = args.mode
+
+    def check(cfg) -> None:  # before the weights are read
+        nonlocal mode
+        check_ids(given_ids, cfg.vocab_size, "the prompt")
+        if mode == "auto":
+            mode = "plain" if len(given_ids) <= cfg.max_position_embeddings else "homer"
+        if mode == "homer" and args.prompt_ids is None and not text.strip():
+            raise ValueError("the prompt is empty, there is nothing for HOMER to read; pass --prompt or --prompt-file")
+        if mode == "homer" and args.prompt_ids is not None and given_parts is None:
+            raise ValueError(
+                "HOMER needs the prompt split into prefix / context / suffix: give --prompt-ids an object with "
+                "prefix_ids, context_ids and suffix_ids, or add --prefix-ids / --suffix-ids (or use --mode plain)"
+            )
+
+    model = open_model(args.model, tokenizer, DTYPES[args.dtype], check)
     trained = model.cfg.max_position_embeddings
-    mode = args.mode if args.mode != "auto" else ("plain" if len(given_ids) <= trained else "homer")
-    if mode == "homer" and args.prompt_ids is None and not text.strip():
-        raise ValueError("the prompt is empty, there is nothing for HOMER to read; pass --prompt or --prompt-file")
     progress(
         f"model {args.model} ({args.dtype}), prompt {len(given_ids)} tokens, trained context {trained}, mode {mode}"
         + (", chat template" if args.chat else "")
@@ -226,11 +236,6 @@ def main(argv: list[str] | None = None) -> int:
             prefix, context, suffix = split_prompt(text, args.prefix, args.suffix)
             bos = False if args.chat else None  # a chat template writes its own BOS
             parts = encode_parts(tokenizer, opening + prefix, context, suffix + closing, max(1, M // 4), bos)
-        elif parts is None:
-            raise ValueError(
-                "HOMER needs the prompt split into prefix / context / suffix: give --prompt-ids an object with "
-                "prefix_ids, context_ids and suffix_ids, or add --prefix-ids / --suffix-ids (or use --mode plain)"
-            )
         cache = run_homer(model, args, M, *parts, args.model)
         homer_generate(model, cache, args.max_new_tokens, on_token=stream, **sampling)
     t2 = time.perf_counter()

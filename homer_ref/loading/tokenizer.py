@@ -247,10 +247,13 @@ def load_tokenizer_json(path: Path) -> HFTokenizer:
         return ids[0] if ids else None
 
     bos_id, eos_id = token_id("bos_token"), token_id("eos_token")
+    # The post-processor's convention: the token it puts before a text, if any (BOS when nothing else names one).
+    plain, with_special = backend.encode("a", add_special_tokens=False).ids, backend.encode("a").ids
+    prepended = with_special[0] if len(with_special) > len(plain) and with_special[1:] == plain else None
+    bos_id = prepended if bos_id is None else bos_id
     add_bos = tokenizer_config.get("add_bos_token")
-    if not isinstance(add_bos, bool):  # else the post-processor's convention (what tokenizer.encode("a") adds)
-        with_special = backend.encode("a", add_special_tokens=True).ids
-        add_bos = bos_id is not None and with_special[:1] == [bos_id] != backend.encode("a").ids[:1]
+    if not isinstance(add_bos, bool):
+        add_bos = prepended is not None and prepended == bos_id
     stop_ids = _id_list(generation.get("eos_token_id")) + _id_list(model_config.get("eos_token_id"))
     return HFTokenizer(
         path,
