@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import ROOT
+from helpers import ROOT, STORIES_DIR
 from safetensors.torch import load_file, save_file
 from test_errors_api import MHA, train_tokenizer
 
@@ -463,3 +463,46 @@ def test_eval_refuses_a_tokenizer_of_another_vocabulary(stories_dir, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "vocabulary" in err[0], err
     assert DEFAULT_MODEL.is_dir()
+
+
+# ----------------------------------------------------------------------------------------------- GGUF and ids
+
+
+@pytest.fixture(scope="module")
+def gguf_files(tmp_path_factory):
+    """Malformed GGUF files (from test_errors_api's table) and id files, made once."""
+    pytest.importorskip("gguf", reason="needs the models extra: pip install 'homer_ref[models]'")
+    from helpers import make_hf_llama
+    from test_errors_api import LOAD_GGUF
+
+    r = tmp_path_factory.mktemp("cli-gguf")
+    hf = make_hf_llama(r / "hf", vocab_size=64, hidden_size=32, intermediate_size=64, head_dim=8)
+    files = {name: LOAD_GGUF[name][0](r, hf) for name in ("another architecture", "truncated in the tensors")}
+    files["ids"] = r / "ids.json"
+    files["ids"].write_text("[1, 2, 3]")
+    files["bad_ids"] = r / "bad.json"
+    files["bad_ids"].write_text('{"prefix_ids": [1], "context_ids": [2.5], "suffix_ids": [3]}')
+    return files
+
+
+STORIES_BIN = STORIES_DIR / "stories260K.bin"
+GGUF_CLI = {
+    "GGUF of another architecture": (["--model", "{another architecture}", "--prompt-ids", "{ids}", "--print-ids"],
+                                     2, ("'qwen2' is not supported",)),
+    "truncated GGUF": (["--model", "{truncated in the tensors}", "--prompt-ids", "{ids}", "--print-ids"], 2,
+                       ("truncated or corrupt",)),
+    "ids that are not integers": (["--model", str(MHA), "--prompt-ids", "{bad_ids}", "--print-ids"], 2,
+                                  ("'context_ids' must be a JSON list of integer token ids",)),
+    "--prefix-ids without --prompt-ids": (["--model", str(MHA), "--prefix-ids", "{ids}", "--prompt", "a"], 2,
+                                          ("--prefix-ids/--suffix-ids need --prompt-ids",)),
+    "--chat with ids": (["--model", str(MHA), "--prompt-ids", "{ids}", "--chat"], 2, ("apply to text",)),
+    "--chat without a template": (["--model", str(STORIES_BIN), "--chat", "--prompt", "a"], 2,
+                                  ("has no chat template",)),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", sorted(GGUF_CLI))
+def test_generate_refuses_gguf_and_ids(capsys, gguf_files, name):
+    argv, code, names = GGUF_CLI[name]
+    argv = [a.format(**{k: v for k, v in gguf_files.items()}) if "{" in a else a for a in argv]
+    check(run(capsys, generate, argv), code, names, "generate")

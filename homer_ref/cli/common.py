@@ -89,9 +89,14 @@ def open_tokenizer(model: str, tokenizer: str | None, required: bool = True):
     Not `required` (token ids in and out): None when the model has no tokenizer file, instead of an error."""
     if tokenizer is None and not required:
         try:
-            find_tokenizer_file(Path(model))
+            found = find_tokenizer_file(Path(model))
         except CheckpointError:
             return None
+        if found.suffix == ".gguf":
+            from homer_ref.loading.gguf import has_vocabulary
+
+            if not has_vocabulary(found):
+                return None
     return load_tokenizer(tokenizer or model)
 
 

@@ -222,6 +222,11 @@ def load_gguf(path: Path, dtype, device) -> Llama:
 # ----------------------------------------------------------------------------------------------- tokenizer
 
 
+def has_vocabulary(path: Path) -> bool:
+    """Whether a GGUF file carries a tokenizer (`tokenizer.ggml.model`); a model-only file has none."""
+    return "tokenizer.ggml.model" in open_gguf(path).fields
+
+
 def load_gguf_tokenizer(path: Path) -> HFTokenizer:
     """The tokenizer of a GGUF file's vocabulary ("gpt2" byte-level BPE or "llama" sentencepiece type)."""
     tokenizers = optional_import("tokenizers", f"{path} (a GGUF tokenizer)")
