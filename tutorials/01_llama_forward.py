@@ -75,7 +75,7 @@ def load_subject() -> tuple[Llama, object, bool]:
 
 def piece(token_id: int) -> str:
     """One token as text; sentencepiece writes a leading space as '▁'."""
-    return tok.sp.id_to_piece(int(token_id)) if IS_REAL else repr(tok.decode([token_id]))
+    return tok.piece(token_id) if IS_REAL else repr(tok.decode([token_id]))
 
 
 model, tok, IS_REAL = load_subject()

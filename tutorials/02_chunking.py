@@ -71,7 +71,7 @@ def text_of(ids: list[int]) -> str:
 
 def piece(token_id: int) -> str:
     """One token as text; sentencepiece writes a leading space as '▁'."""
-    return tok.sp.id_to_piece(int(token_id)) if hasattr(tok, "sp") else repr(tok.decode([token_id]))[1:-1]
+    return tok.piece(token_id) if hasattr(tok, "piece") else repr(tok.decode([token_id]))[1:-1]
 
 
 def compress(positions: list[int]) -> str:

@@ -71,7 +71,7 @@ def load_subject() -> tuple[Llama, object, bool]:
 
 def piece(token_id: int) -> str:
     """One token as text, a leading space shown as a space."""
-    return tok.sp.id_to_piece(int(token_id)).replace("▁", " ") if IS_REAL else tok.decode([token_id])
+    return tok.piece(token_id).replace("▁", " ") if IS_REAL else tok.decode([token_id])
 
 
 model, tok, IS_REAL = load_subject()
