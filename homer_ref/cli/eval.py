@@ -17,8 +17,9 @@ Modes (the paper's baselines, HOMER_SPEC.md J, and its ablation of the pruning c
                          failure here is caused by the merging (chunk-local lower layers, overlapping positions)
     sliding              (perplexity only) a sliding window of the trained context
 
-Passkey (HOMER_SPEC.md H.3): prompts from `homer_ref.passkey` (BOS | filler with the passkey sentence at a
-stratified random depth | question), `length` tokens in all minus room for the answer; greedy decoding; correct
+Passkey (HOMER_SPEC.md H.3): prompts from `homer_ref.passkey` (BOS when the model adds one | filler with the
+passkey sentence at a stratified random depth | question; with --chat the chat template's opening joins the prefix
+and its closing the question), `length` tokens in all minus room for the answer; greedy decoding; correct
 when the first integer of the output is the passkey. The same prompts are used for every mode. HOMER gets
 prefix = BOS, context = the filler, suffix = the question, and by default M = T = the trained context minus the
 answer's room, so that every generated position stays inside the trained context. For HOMER rows, `digits_kept`

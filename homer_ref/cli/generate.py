@@ -183,24 +183,24 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--prompt-file {args.prompt_file} is not UTF-8 text ({e.reason}); re-save it as UTF-8")
         except OSError as e:
             parser.error(f"--prompt-file {args.prompt_file}: {e.strerror}")
-    given_ids, given_parts = prompt_from_ids(args, parser) if args.prompt_ids is not None else (None, None)
+    prompt_ids, id_parts = prompt_from_ids(args, parser) if args.prompt_ids is not None else (None, None)
     t0 = time.perf_counter()
     # Cheap checks first: the tokenizer, its vocabulary and the ids against the model's config, then the weights.
-    tokenizer = open_tokenizer(args.model, args.tokenizer, required=given_ids is None or not args.print_ids)
+    tokenizer = open_tokenizer(args.model, args.tokenizer, required=prompt_ids is None or not args.print_ids)
     opening, closing = tokenizer.chat_affixes() if args.chat else ("", "")
-    if given_ids is None:
+    if prompt_ids is None:
         full = (args.prefix or "") + text + (args.suffix or "")
-        given_ids = tokenizer.encode(opening + full + closing, bos=False if args.chat else None)
+        prompt_ids = tokenizer.encode(opening + full + closing, bos=False if args.chat else None)
     mode = args.mode
 
     def check(cfg) -> None:  # before the weights are read
         nonlocal mode
-        check_ids(given_ids, cfg.vocab_size, "the prompt")
+        check_ids(prompt_ids, cfg.vocab_size, "the prompt")
         if mode == "auto":
-            mode = "plain" if len(given_ids) <= cfg.max_position_embeddings else "homer"
+            mode = "plain" if len(prompt_ids) <= cfg.max_position_embeddings else "homer"
         if mode == "homer" and args.prompt_ids is None and not text.strip():
             raise ValueError("the prompt is empty, there is nothing for HOMER to read; pass --prompt or --prompt-file")
-        if mode == "homer" and args.prompt_ids is not None and given_parts is None:
+        if mode == "homer" and args.prompt_ids is not None and id_parts is None:
             raise ValueError(
                 "HOMER needs the prompt split into prefix / context / suffix: give --prompt-ids an object with "
                 "prefix_ids, context_ids and suffix_ids, or add --prefix-ids / --suffix-ids (or use --mode plain)"
@@ -209,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     model = open_model(args.model, tokenizer, DTYPES[args.dtype], check)
     trained = model.cfg.max_position_embeddings
     progress(
-        f"model {args.model} ({args.dtype}), prompt {len(given_ids)} tokens, trained context {trained}, mode {mode}"
+        f"model {args.model} ({args.dtype}), prompt {len(prompt_ids)} tokens, trained context {trained}, mode {mode}"
         + (", chat template" if args.chat else "")
     )
     printed, out = "", []
@@ -228,10 +228,10 @@ def main(argv: list[str] | None = None) -> int:
     sampling = dict(temperature=args.temperature, top_p=args.top_p, seed=args.seed, stop_ids=stop_ids)
     t1 = time.perf_counter()
     if mode == "plain":
-        generate_plain(model, given_ids, args.max_new_tokens, on_token=stream, **sampling)
+        generate_plain(model, prompt_ids, args.max_new_tokens, on_token=stream, **sampling)
     else:
         M = args.max_chunk_len or trained // 2
-        parts = given_parts
+        parts = id_parts
         if args.prompt_ids is None:
             prefix, context, suffix = split_prompt(text, args.prefix, args.suffix)
             bos = False if args.chat else None  # a chat template writes its own BOS
