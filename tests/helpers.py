@@ -422,13 +422,14 @@ def encode_gguf_tensor(w: np.ndarray, qtype: str, rng: np.random.Generator) -> n
 
 
 def write_tiny_gguf(path: Path, hf_model, qtype: str, *, tokenizer_model: Path | None = None, seed: int = 0,
-                    metadata: dict | None = None, skip: tuple[str, ...] = ()) -> dict[str, np.ndarray]:  # fmt: skip
+                    metadata: dict | None = None, skip: tuple[str, ...] = (), extra: dict | None = None,
+                    ) -> dict[str, np.ndarray]:  # fmt: skip
     """Write `hf_model` (a transformers LlamaForCausalLM) as a llama.cpp-style GGUF file, 2-D weights in `qtype`
     (norms F32, as llama.cpp keeps them), with the vocabulary of the sentencepiece `tokenizer_model` (type "llama").
 
     Returns the HF-layout float32 weights the file encodes: `gguf.quants.dequantize` of each stored tensor with the
     q/k permutation undone — the expected result of loading it. `metadata` overrides keys (None removes one);
-    `skip` leaves tensors (GGUF names) out.
+    `skip` leaves tensors (GGUF names) out; `extra` adds float32 tensors (GGUF name -> array).
     """
     import gguf
 
@@ -512,8 +513,29 @@ def write_tiny_gguf(path: Path, hf_model, qtype: str, *, tokenizer_model: Path |
             writer.add_tensor(gguf_name, stored)
         values = gguf.quants.dequantize(stored, t).reshape(w.shape).astype(np.float32)
         expected[name] = gguf_to_hf_rows(values, heads) if heads else values
+    for name, array in (extra or {}).items():
+        writer.add_tensor(name, np.asarray(array, dtype=np.float32))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
     return expected
+
+
+def llama3_rope_factors(rope: dict, head_dim: int) -> np.ndarray:
+    """llama.cpp's `rope_freqs.weight` for HF's llama3 `rope_parameters`, by its converter's documented formula:
+    per frequency, 1 (short wavelengths), `factor` (long ones), or 1 / ((1 - smooth) / factor + smooth) between."""
+    freqs = 1.0 / rope["rope_theta"] ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    low, high, orig, factor = (rope[k] for k in ("low_freq_factor", "high_freq_factor",
+                                                 "original_max_position_embeddings", "factor"))  # fmt: skip
+    out = []
+    for freq in freqs:
+        wavelen = 2 * math.pi / freq
+        if wavelen < orig / high:
+            out.append(1.0)
+        elif wavelen > orig / low:
+            out.append(factor)
+        else:
+            smooth = (orig / wavelen - low) / (high - low)
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return np.array(out, dtype=np.float32)

@@ -12,7 +12,16 @@
 
 import pytest
 import torch
-from helpers import GGUF_TYPES, STORIES_DIR, assert_close, hf_logits, make_hf_llama, our_logits, write_tiny_gguf
+from helpers import (
+    GGUF_TYPES,
+    STORIES_DIR,
+    assert_close,
+    hf_logits,
+    llama3_rope_factors,
+    make_hf_llama,
+    our_logits,
+    write_tiny_gguf,
+)
 
 from homer_ref import load_model, load_tokenizer
 from homer_ref.loading import checkpoint_names, load_config
@@ -97,3 +106,21 @@ def test_sentencepiece_vocabulary_encodes_like_sentencepiece_and_transformers(ti
             assert tok.decode(tok.encode(text)) == sp.decode(sp.encode(text)), text
     assert (tok.vocab_size, tok.bos_id, tok.eos_id, tok.add_bos) == (512, 1, 2, True)
     assert tok.encode("Hi")[0] == 1 and tok.piece(tok.encode("Hi", bos=False)[0]) == sp.id_to_piece(sp.encode("Hi")[0])
+
+
+def test_llama3_rope_scaling_from_rope_freqs(tmp_path):
+    """Llama 3.1+ GGUF files store RoPE scaling as per-frequency divisors (rope_freqs.weight): the llama3
+    parameters are recovered, and the logits at positions past the original context equal HF's llama3 model."""
+    rope = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 64}  # fmt: skip
+    config = dict(TINY, vocab_size=61, rope_parameters=rope, max_position_embeddings=512)
+    hf = make_hf_llama(tmp_path / "hf", seed=5, **config)
+    path = tmp_path / "llama3.gguf"
+    write_tiny_gguf(path, hf, "F32", extra={"rope_freqs.weight": llama3_rope_factors(rope, 64)})
+    rs = load_config(path).rope_scaling
+    assert (rs.rope_type, rs.factor, rs.low_freq_factor, rs.original_max_position_embeddings) == ("llama3", 8, 1, 64)
+    assert rs.high_freq_factor == pytest.approx(4.0, rel=1e-4)
+    tokens = list(range(3, 61)) * 4
+    positions = list(range(200, 200 + len(tokens)))
+    our = our_logits(load_model(path), tokens, positions)
+    assert_close(our, hf_logits(hf, tokens, positions), "hf_float32", "llama3 RoPE from rope_freqs vs HF")

@@ -3,7 +3,8 @@
 A GGUF file holds metadata (key -> value) and tensors in llama.cpp's names and, for quantized types, in blocks.
 Reading one:
 - the config comes from the metadata (`gguf_config_dict`: llama.* keys -> HF config.json fields, then the one
-  `parse_config`), the output head is tied when the file has no `output.weight`;
+  `parse_config`), the output head is tied when the file has no `output.weight`, and Llama 3.1+'s "llama3" RoPE
+  scaling is recovered from the per-frequency divisors llama.cpp stores in `rope_freqs.weight`;
 - every tensor is dequantized by `gguf.quants.dequantize` (every type it implements: F32, F16, BF16, Q8_0,
   Q4_0, Q4_1, Q4_K, Q6_K, ...), renamed to HF's name, and q/k rows are permuted back: llama.cpp's converter
   stores them in Meta's interleaved RoPE layout (the same permutation as llama2.c, `interleaved_to_half_split`);
@@ -18,6 +19,7 @@ process (`open_gguf` keeps the reader), so checking the tokenizer and config bef
 """
 
 import functools
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -119,11 +121,6 @@ def gguf_config_dict(meta: Metadata, tensor_names: set[str]) -> dict:
             f"{meta.path}: architecture {arch!r} is not supported; homer_ref reads Llama models "
             f"(general.architecture '{ARCHITECTURE}')"
         )
-    if "rope_freqs.weight" in tensor_names:
-        raise CheckpointError(
-            f"{meta.path}: per-frequency RoPE factors (rope_freqs.weight, Llama 3.1+ 'llama3' scaling) are not read "
-            "from GGUF; convert the HF checkpoint's directory instead"
-        )
     head_count, head_count_kv = meta.require("llama.attention.head_count"), meta.get("llama.attention.head_count_kv")
     for key, value in (("head_count", head_count), ("head_count_kv", head_count_kv)):
         if isinstance(value, list):
@@ -164,9 +161,47 @@ def gguf_config_dict(meta: Metadata, tensor_names: set[str]) -> dict:
 
 
 def gguf_config(path: Path) -> LlamaConfig:
-    """The `LlamaConfig` of a GGUF file, from its metadata alone (no tensor is read)."""
+    """The `LlamaConfig` of a GGUF file, from its metadata (and the small `rope_freqs.weight`, if any)."""
     reader = open_gguf(path)
-    return parse_config(gguf_config_dict(Metadata(reader, path), {t.name for t in reader.tensors}), f"{path}")
+    tensors = {t.name: t for t in reader.tensors}
+    d = gguf_config_dict(Metadata(reader, path), set(tensors))
+    if "rope_freqs.weight" in tensors:
+        cfg = parse_config(d, str(path))
+        d["rope_scaling"] = llama3_scaling(dequantized(tensors["rope_freqs.weight"], path).reshape(-1), cfg, path)
+    return parse_config(d, str(path))
+
+
+def llama3_scaling(factors: np.ndarray, cfg: LlamaConfig, path: Path) -> dict:
+    """HF's "llama3" `rope_scaling` from the per-frequency divisors llama.cpp stores instead (`rope_freqs.weight`,
+    Llama 3.1+): inv_freq / factors is the scaled frequency.
+
+    llama3 divides long wavelengths by `factor`, keeps short ones, and between the two thresholds blends with
+    smooth = (original / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor), i.e. 1 / divisor =
+    (1 - smooth) / factor + smooth. So factor is the largest divisor, and smooth is linear in 1 / wavelen: a line
+    fitted through the blended frequencies gives original / (high - low) and -low / (high - low). Only those two
+    ratios matter, so low_freq_factor = 1 is chosen (Llama 3.x's own value, which then gives back its
+    high_freq_factor 4 and original context 8192). The result is checked by recomputing every divisor."""
+    from homer_ref.llama import RopeScaling, rope_frequencies
+
+    inv_freq, _ = rope_frequencies(cfg, 0)  # [Dh/2] float64, unscaled
+    factors = factors.astype(np.float64)
+    if factors.shape != (len(inv_freq),) or not np.isfinite(factors).all() or (factors < 1 - 1e-6).any():
+        raise CheckpointError(f"{path}: rope_freqs.weight must hold {len(inv_freq)} divisors >= 1 (llama3 RoPE)")
+    factor = float(factors.max())
+    band = (factors > 1 + 1e-4) & (factors < factor * (1 - 1e-4))
+    if factor <= 1 or band.sum() < 2:
+        raise CheckpointError(f"{path}: rope_freqs.weight is not a llama3 RoPE scaling this reader can recover")
+    x = inv_freq.numpy()[band] / (2 * np.pi)  # 1 / wavelen
+    smooth = (1 / factors[band] - 1 / factor) / (1 - 1 / factor)
+    slope, intercept = np.polyfit(x, smooth, 1)
+    high = 1 - 1 / intercept  # with low = 1: intercept = -1 / (high - 1)
+    scaling = {"rope_type": "llama3", "factor": factor, "low_freq_factor": 1.0, "high_freq_factor": float(high),
+               "original_max_position_embeddings": round(slope * (high - 1))}  # fmt: skip
+    rs = RopeScaling(**scaling)
+    recomputed = inv_freq.numpy() / rope_frequencies(replace(cfg, rope_scaling=rs), 0)[0].numpy()
+    if not np.allclose(recomputed, factors, rtol=1e-4):
+        raise CheckpointError(f"{path}: rope_freqs.weight does not follow llama3 RoPE scaling (the only kind read)")
+    return scaling
 
 
 def hf_name(name: str) -> str | None:
@@ -204,6 +239,8 @@ def load_gguf(path: Path, dtype, device) -> Llama:
     check_file_fits([path])
     tensors = {}
     for tensor in reader.tensors:
+        if tensor.name == "rope_freqs.weight":  # read into the config (llama3 RoPE scaling)
+            continue
         name = hf_name(tensor.name)
         if name is None:
             raise CheckpointError(
