@@ -250,12 +250,18 @@ def losses(
     return {"lm": lm, "answer": answer, "aux": aux_loss, "select": select, "exact": exact}
 
 
+def digit_piece_ids(tok) -> list[int]:
+    """Ids of the vocabulary pieces "0" .. "9" (the digits of a passkey)."""
+    ids = {tok.piece(i): i for i in range(tok.vocab_size)}
+    return [ids[str(d)] for d in range(10)]
+
+
 def digit_ranks(model: Llama, tok, samples: int = 40, seed: int = 99) -> str:
     """Markdown table: per layer, where the passkey's digit tokens rank among the context tokens under the last
     prompt token's head-max logit (HOMER's uncalibrated significance), as a fraction of the context (0 = most
     significant); mean over digits and worst digit, over `samples` prompts filling the trained context."""
     rng = random.Random(seed)
-    digit_ids = torch.tensor([tok.sp.piece_to_id(str(d)) for d in range(10)])
+    digit_ids = torch.tensor(digit_piece_ids(tok))
     mean, worst = [[] for _ in range(model.cfg.num_hidden_layers)], [0.0] * model.cfg.num_hidden_layers
     with torch.no_grad():
         for _ in range(samples):
@@ -501,7 +507,7 @@ def main(argv: list[str] | None = None) -> int:
     proto = train_tokenizer(args.seed)
     (args.out / "tokenizer.model").write_bytes(proto)
     tok = load_tokenizer(args.out / "tokenizer.model")
-    digit_ids = torch.tensor([tok.sp.piece_to_id(str(d)) for d in range(10)])
+    digit_ids = torch.tensor(digit_piece_ids(tok))
     cfg = model_config()
     model = Llama(cfg)
     with torch.no_grad():

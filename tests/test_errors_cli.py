@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import ROOT
+from helpers import ROOT, STORIES_DIR
 from safetensors.torch import load_file, save_file
 from test_errors_api import MHA, train_tokenizer
 
@@ -78,6 +78,8 @@ def ctx(tmp_path_factory):
     files["tok72"] = train_tokenizer(r / "tok72.model", 72)
     files["garbage"] = r / "garbage.bin"
     files["garbage"].write_bytes(b"\x8f\x01" * 50)
+    files["garbage_model"] = r / "garbage.model"
+    files["garbage_model"].write_bytes(b"\x8f\x01" * 50)
     files["nan_model"] = Path(shutil.copytree(MHA, r / "nan_model"))
     tensors = load_file(MHA / "model.safetensors")
     tensors["model.layers.3.mlp.up_proj.weight"][0, 0] = float("nan")
@@ -120,7 +122,8 @@ GENERATE = {
     "model with a NaN weight": (["--model", "{nan_model}"], 2, ("model.layers.3.mlp.up_proj.weight", "NaN/Inf")),
     "truncated safetensors": (["--model", "{cut_model}"], 2, ("model.safetensors", "not a readable safetensors")),
     "pickled checkpoint": (["--model", "{pickle}"], 2, ("pickled PyTorch checkpoint",)),
-    "tokenizer of random bytes": (["--tokenizer", "{garbage}"], 2, ("garbage.bin", "not a sentencepiece model")),
+    "tokenizer of random bytes": (["--tokenizer", "{garbage_model}"], 2,
+                                  ("garbage.model", "not a sentencepiece model")),
     "tokenizer of another vocabulary": (["--tokenizer", "{tok72}"], 2, ("72 pieces", "vocabulary is 64")),
     "prompt file not UTF-8": (["--prompt-file", "{latin1.txt}"], 2, ("latin1.txt is not UTF-8", "re-save")),
     "prompt file that does not exist": (["--prompt-file", "{root}/absent.txt"], 2, ("No such file",)),
@@ -302,7 +305,10 @@ EVAL = {  # the eval command is still being written: only cases that hold for an
     "no task": ([], 2, ("required: task",)),
     "perplexity without a model": (["perplexity"], 2, ("required: --model",)),
     "perplexity on a model that does not exist": (["perplexity", "--model", "{root}/absent"], 2, ("absent",)),
-    "perplexity on a model with a NaN weight": (["perplexity", "--model", "{nan_model}"], 2, ("NaN/Inf",)),
+    "perplexity on a model with a NaN weight": (["perplexity", "--model", "{nan_model}", "--tokenizer", "{tok}"], 2,
+                                                ("NaN/Inf",)),
+    "perplexity sampling on a model without BOS": (["perplexity", "--model", "{model}"], 2,
+                                                   ("BOS", "bos_token_id", "--tokenizer")),
     "perplexity of a text that is not UTF-8": (["perplexity", "--model", "{model}", "--tokenizer", "{tok}",
                                                 "--text", "{latin1.txt}", "--length", "1"], 2, ("UTF-8",)),
 }  # fmt: skip
@@ -457,3 +463,46 @@ def test_eval_refuses_a_tokenizer_of_another_vocabulary(stories_dir, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "vocabulary" in err[0], err
     assert DEFAULT_MODEL.is_dir()
+
+
+# ----------------------------------------------------------------------------------------------- GGUF and ids
+
+
+@pytest.fixture(scope="module")
+def gguf_files(tmp_path_factory):
+    """Malformed GGUF files (from test_errors_api's table) and id files, made once."""
+    pytest.importorskip("gguf", reason="needs the models extra: pip install 'homer_ref[models]'")
+    from helpers import make_hf_llama
+    from test_errors_api import LOAD_GGUF
+
+    r = tmp_path_factory.mktemp("cli-gguf")
+    hf = make_hf_llama(r / "hf", vocab_size=64, hidden_size=32, intermediate_size=64, head_dim=8)
+    files = {name: LOAD_GGUF[name][0](r, hf) for name in ("another architecture", "truncated in the tensors")}
+    files["ids"] = r / "ids.json"
+    files["ids"].write_text("[1, 2, 3]")
+    files["bad_ids"] = r / "bad.json"
+    files["bad_ids"].write_text('{"prefix_ids": [1], "context_ids": [2.5], "suffix_ids": [3]}')
+    return files
+
+
+STORIES_BIN = STORIES_DIR / "stories260K.bin"
+GGUF_CLI = {
+    "GGUF of another architecture": (["--model", "{another architecture}", "--prompt-ids", "{ids}", "--print-ids"],
+                                     2, ("'qwen2' is not supported",)),
+    "truncated GGUF": (["--model", "{truncated in the tensors}", "--prompt-ids", "{ids}", "--print-ids"], 2,
+                       ("truncated or corrupt",)),
+    "ids that are not integers": (["--model", str(MHA), "--prompt-ids", "{bad_ids}", "--print-ids"], 2,
+                                  ("'context_ids' must be a JSON list of integer token ids",)),
+    "--prefix-ids without --prompt-ids": (["--model", str(MHA), "--prefix-ids", "{ids}", "--prompt", "a"], 2,
+                                          ("--prefix-ids/--suffix-ids need --prompt-ids",)),
+    "--chat with ids": (["--model", str(MHA), "--prompt-ids", "{ids}", "--chat"], 2, ("apply to text",)),
+    "--chat without a template": (["--model", str(STORIES_BIN), "--chat", "--prompt", "a"], 2,
+                                  ("has no chat template",)),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", sorted(GGUF_CLI))
+def test_generate_refuses_gguf_and_ids(capsys, gguf_files, name):
+    argv, code, names = GGUF_CLI[name]
+    argv = [a.format(**{k: v for k, v in gguf_files.items()}) if "{" in a else a for a in argv]
+    check(run(capsys, generate, argv), code, names, "generate")

@@ -282,3 +282,34 @@ def test_structurally_corrupted_traces(data, keys, swap):
         clean(e)
         return
     assert report.format() and report.to_dict()["ok"] == report.ok
+
+
+# ----------------------------------------------------------------------------------------------- GGUF
+
+
+@pytest.fixture(scope="module")
+def gguf_bytes(fuzz_dir) -> bytes:
+    """A valid tiny GGUF file (F32, 64 ids, tok512's vocabulary cut to none: the model only)."""
+    pytest.importorskip("gguf", reason="needs the models extra: pip install 'homer_ref[models]'")
+    from helpers import make_hf_llama, write_tiny_gguf
+
+    hf = make_hf_llama(fuzz_dir / "hf", vocab_size=64, hidden_size=16, intermediate_size=32, head_dim=4)
+    write_tiny_gguf(fuzz_dir / "valid.gguf", hf, "F32")
+    return (fuzz_dir / "valid.gguf").read_bytes()
+
+
+GGUF_EXAMPLES = iter(range(10**9))  # a new file name per example: the reader is kept per (path, mtime, size)
+
+
+@FUZZ
+@given(data=st.data())
+def test_corrupted_gguf(fuzz_dir, gguf_bytes, data):
+    """Truncated, overwritten or random GGUF files: a clean error from load_model and load_tokenizer, or a model."""
+    path = fuzz_dir / f"fuzz{next(GGUF_EXAMPLES)}.gguf"
+    path.write_bytes(data.draw(corrupted(gguf_bytes)))
+    check_model(path)
+    try:
+        load_tokenizer(path)
+    except Exception as e:
+        clean(e)
+    path.unlink()

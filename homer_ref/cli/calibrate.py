@@ -9,9 +9,8 @@ from pathlib import Path
 
 import torch
 
-from homer_ref.cli.common import check_out, progress, run_main, save_atomic, set_threads_for
+from homer_ref.cli.common import check_out, open_model, open_tokenizer, progress, run_main, save_atomic
 from homer_ref.homer.calibration import calibrate, windows_from_ids
-from homer_ref.loading import check_tokenizer, load_model, load_tokenizer
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -20,8 +19,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Average the head-max last-query attention logit by distance over windows of a text, per "
         "layer, and save it as HOMER's calibration bias (safetensors, key 'bias', [L, M] float32).",
     )
-    p.add_argument("--model", required=True, help="HF model directory or llama2.c .bin checkpoint")
-    p.add_argument("--tokenizer", help="sentencepiece .model (default: tokenizer.model in the model directory)")
+    p.add_argument("--model", required=True, help="HF model directory, .gguf or llama2.c .bin checkpoint")
+    p.add_argument("--tokenizer", help="tokenizer.json, sentencepiece .model or .gguf (default: the model's own)")
     p.add_argument("--text", required=True, type=Path, help="UTF-8 text file to calibrate on")
     p.add_argument("--max-chunk-len", required=True, type=int, help="M: the table covers distances 0..M-1")
     p.add_argument("--samples", type=int, default=32, help="number of windows of M tokens (default 32)")
@@ -41,11 +40,10 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:
         parser.error(f"--text {args.text}: {e.strerror}")
     check_out(parser, args.out)
-    model = load_model(args.model)
-    set_threads_for(model)
-    tokenizer = load_tokenizer(args.tokenizer or args.model)
-    check_tokenizer(tokenizer, model.cfg)
-    windows = windows_from_ids(tokenizer.encode(text, bos=False), args.max_chunk_len, args.samples)
+    tokenizer = open_tokenizer(args.model, args.tokenizer)
+    ids = tokenizer.encode(text, bos=False)
+    model = open_model(args.model, tokenizer, check=lambda cfg: windows_from_ids(ids, args.max_chunk_len, args.samples))
+    windows = windows_from_ids(ids, args.max_chunk_len, args.samples)
     t0 = time.perf_counter()
     total = torch.zeros(model.cfg.num_hidden_layers, args.max_chunk_len, dtype=torch.float64)
     for i, window in enumerate(windows):  # one window at a time, so progress can be shown

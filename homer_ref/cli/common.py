@@ -15,6 +15,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from homer_ref.loading import CheckpointError, check_tokenizer, load_config, load_model, load_tokenizer
+from homer_ref.loading.tokenizer import find_tokenizer_file
+
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -88,3 +91,33 @@ def replace_atomic(path: Path, write: Callable[[str], None]) -> None:
 def save_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
     """A safetensors file, written atomically (`replace_atomic`)."""
     replace_atomic(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
+def open_tokenizer(model: str, tokenizer: str | None, required: bool = True):
+    """The tokenizer of `--tokenizer`, else the model's own (its directory's, or a GGUF file's vocabulary).
+
+    Not `required` (token ids in and out): None when the model has no tokenizer file, instead of an error."""
+    if tokenizer is None and not required:
+        try:
+            found = find_tokenizer_file(Path(model))
+        except CheckpointError:
+            return None
+        if found.suffix == ".gguf":
+            from homer_ref.loading.gguf import has_vocabulary
+
+            if not has_vocabulary(found):
+                return None
+    return load_tokenizer(tokenizer or model)
+
+
+def open_model(model: str, tokenizer, dtype: torch.dtype = torch.float32, check: Callable | None = None):
+    """The model, after the cheap checks: the tokenizer's vocabulary against the model's config, then `check(cfg)`
+    (e.g. token ids in range), all before a single weight is read (a large model takes seconds and GBs to load)."""
+    cfg = load_config(model)
+    if tokenizer is not None:
+        check_tokenizer(tokenizer, cfg)
+    if check is not None:
+        check(cfg)
+    loaded = load_model(model, dtype=dtype)
+    set_threads_for(loaded)
+    return loaded

@@ -17,8 +17,9 @@ Modes (the paper's baselines, HOMER_SPEC.md J, and its ablation of the pruning c
                          failure here is caused by the merging (chunk-local lower layers, overlapping positions)
     sliding              (perplexity only) a sliding window of the trained context
 
-Passkey (HOMER_SPEC.md H.3): prompts from `homer_ref.passkey` (BOS | filler with the passkey sentence at a
-stratified random depth | question), `length` tokens in all minus room for the answer; greedy decoding; correct
+Passkey (HOMER_SPEC.md H.3): prompts from `homer_ref.passkey` (BOS when the model adds one | filler with the
+passkey sentence at a stratified random depth | question; with --chat the chat template's opening joins the prefix
+and its closing the question), `length` tokens in all minus room for the answer; greedy decoding; correct
 when the first integer of the output is the passkey. The same prompts are used for every mode. HOMER gets
 prefix = BOS, context = the filler, suffix = the question, and by default M = T = the trained context minus the
 answer's room, so that every generated position stays inside the trained context. For HOMER rows, `digits_kept`
@@ -32,7 +33,8 @@ end = 2·ev, 3·ev, ...: prefix = the first P tokens, suffix = the S tokens befo
 between, compressed by HOMER; the tokens [end, end+ev) are fed after the compact cache and each logit scores
 the next token. Every token from 1 to the end is predicted once. Only the parts that score tokens inside
 [--score-from, --score-to) are computed. Without --text the document is sampled from the model itself (stories
-of at most the trained context, each from BOS, seeded, concatenated). Without --bias the `homer` mode
+of at most the trained context, each from BOS, seeded, concatenated; BOS and the stop tokens are the tokenizer's, or
+config.json's bos/eos_token_id for a model without one). Without --bias the `homer` mode
 calibrates on the document's first 2·ev tokens, which every scored token has already seen.
 """
 
@@ -47,13 +49,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from homer_ref.cli.common import DTYPES, progress, run_main, set_threads_for
+from homer_ref.cli.common import DTYPES, open_model, open_tokenizer, progress, run_main
 from homer_ref.decoding import decode, greedy_batch
 from homer_ref.homer import HomerCache, continuation_logits, homer_generate, homer_prefill
 from homer_ref.homer.calibration import BIAS_FILE, calibrate_on_context, find_bias
 from homer_ref.homer.plan import HomerConfig
 from homer_ref.llama import Llama, RopeScaling
-from homer_ref.loading import Tokenizer, check_tokenizer, load_model, load_tokenizer
+from homer_ref.loading import Tokenizer
+from homer_ref.loading.tokenizer import config_special_ids
 from homer_ref.tasks import passkey
 
 ROPE_MODES = ("plain", "linear", "dynamic", "yarn")
@@ -203,13 +206,11 @@ def passkey_rope(args, model: Llama, tok: Tokenizer, prompts, mode: str, factor:
 
 def run_passkey(args) -> int:
     model_path = Path(args.model)
-    model = load_model(model_path, dtype=DTYPES[args.dtype])
-    tok = load_tokenizer(args.tokenizer or model_path)
-    check_tokenizer(tok, model.cfg)
-    set_threads_for(model)
-    trained = model.cfg.max_position_embeddings
     lengths = parse_list(args.lengths, float, "lengths")
     modes = parse_modes(args.modes, PASSKEY_MODES)
+    tok = open_tokenizer(args.model, args.tokenizer)
+    model = open_model(args.model, tok, DTYPES[args.dtype])
+    trained = model.cfg.max_position_embeddings
     # M leaves room for the answer, as the prompt does: every generated position stays inside the trained context.
     M = args.max_chunk_len or trained - passkey.ANSWER_ROOM
     bias, bias_source = find_bias(model_path, M, args.bias) if "homer" in modes else (None, "")
@@ -227,7 +228,7 @@ def run_passkey(args) -> int:
     )
     for multiple in lengths:
         length = round(multiple * trained)
-        prompts = passkey.passkey_prompts(tok, length, args.samples, args.seed, args.instruction)
+        prompts = passkey.passkey_prompts(tok, length, args.samples, args.seed, args.instruction, args.chat)
         for mode in modes:
             t0 = time.perf_counter()
             if mode in HOMER_MODES:
@@ -319,30 +320,30 @@ def perplexity_nll(args, model: Llama, ids: list[int], mode: str, bias, lo: int,
 
 def run_perplexity(args) -> int:
     model_path = Path(args.model)
-    model = load_model(model_path, dtype=DTYPES[args.dtype])
-    set_threads_for(model)
-    trained = model.cfg.max_position_embeddings
     modes = parse_modes(args.modes, PERPLEXITY_MODES)
+    tok = open_tokenizer(args.model, args.tokenizer, required=args.text is not None)
+    bos, eos = (tok.bos_id, tok.eos_id) if tok is not None else config_special_ids(model_path)
+    if args.text is None and bos is None:
+        raise ValueError(
+            f"sampling a document needs the model's BOS token: {model_path} has neither a tokenizer nor a "
+            "bos_token_id in config.json; pass --tokenizer or --text"
+        )
+    model = open_model(args.model, tok, DTYPES[args.dtype])
+    trained = model.cfg.max_position_embeddings
     n = round(args.length * trained)
-    tok = None
-    if args.tokenizer or (model_path.is_dir() and (model_path / "tokenizer.model").is_file()):
-        tok = load_tokenizer(args.tokenizer or model_path)
-        check_tokenizer(tok, model.cfg)
     if args.text is not None:
-        if tok is None:
-            raise ValueError("--text needs a tokenizer: pass --tokenizer FILE.model")
         try:
             text = args.text.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as e:
             raise ValueError(f"--text {args.text}: cannot read it as UTF-8 text ({e})") from e
-        ids = tok.encode(text, bos=True)
+        ids = tok.encode(text)
         if len(ids) < n:
             raise ValueError(f"--text {args.text} has {len(ids)} tokens, fewer than --length {args.length} x {trained}")
         ids, source = ids[:n], str(args.text)
     else:
-        bos, eos = (tok.bos_id, tok.eos_id) if tok is not None else (1, 2)
         progress(f"perplexity: sampling a {n}-token document from the model (seed {args.seed})")
-        ids, source = sample_document(model, n, args.seed, bos, (bos, eos)), f"sampled from the model, seed {args.seed}"
+        stop = tuple(i for i in (bos, eos) + (tok.stop_ids if tok is not None else ()) if i is not None)
+        ids, source = sample_document(model, n, args.seed, bos, stop), f"sampled from the model, seed {args.seed}"
     lo = args.score_from if args.score_from is not None else n // 2
     hi = args.score_to if args.score_to is not None else n
     if not 1 <= lo < hi <= n:
@@ -405,7 +406,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="task", required=True)
 
     def common(s: argparse.ArgumentParser) -> None:
-        s.add_argument("--tokenizer", help="sentencepiece .model (default: tokenizer.model in the model directory)")
+        s.add_argument("--tokenizer", help="tokenizer.json, sentencepiece .model or .gguf (default: the model's own)")
         s.add_argument("--seed", type=int, default=0, help="seed of the samples and of homer-random (default 0)")
         s.add_argument(
             "--max-chunk-len",
@@ -425,19 +426,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     pk = sub.add_parser("passkey", help="passkey retrieval accuracy (greedy)")
     pk.add_argument(
-        "--model", default=str(passkey.SHIPPED_MODEL), help="HF model directory (default: the shipped model)"
+        "--model", default=str(passkey.SHIPPED_MODEL), help="HF directory, .gguf or .bin (default: the shipped model)"
     )
     pk.add_argument("--lengths", default="1,2,4,8", help="prompt lengths as multiples of the trained context")
     pk.add_argument("--modes", default=",".join(PASSKEY_MODES), help=f"comma-separated: {', '.join(PASSKEY_MODES)}")
     pk.add_argument("--samples", type=int, default=50, help="prompts per length (default 50)")
     pk.add_argument("--batch-size", type=int, default=8, help="prompts per batch for the plain modes (default 8)")
     pk.add_argument("--instruction", action="store_true", help="put the task's short instruction after BOS")
+    pk.add_argument(
+        "--chat",
+        action="store_true",
+        help="wrap each prompt in the model's chat template (opening with the prefix, closing with the question)",
+    )
     pk.add_argument("--explain", action="store_true", help="for each failed HOMER sample, where the digits went")
     pk.add_argument("--progress-every", type=int, default=10, help="progress line every N HOMER samples")
     common(pk)
 
     pp = sub.add_parser("perplexity", help="perplexity of a long document (HOMER_SPEC.md H.2 protocol)")
-    pp.add_argument("--model", required=True, help="HF model directory or llama2.c .bin checkpoint")
+    pp.add_argument("--model", required=True, help="HF model directory, .gguf or llama2.c .bin checkpoint")
     pp.add_argument("--text", type=Path, help="UTF-8 document (default: sample one from the model, --seed)")
     pp.add_argument("--length", type=float, default=8, help="document length, multiple of the trained context (8)")
     pp.add_argument("--modes", default="plain,sliding,homer", help=f"comma-separated: {', '.join(PERPLEXITY_MODES)}")

@@ -22,20 +22,19 @@ from collections.abc import Collection, Sequence
 from html import escape
 from pathlib import Path
 
-from homer_ref.cli.common import DTYPES, check_out, progress, replace_atomic, run_main, set_threads_for
+from homer_ref.cli.common import DTYPES, check_out, open_model, open_tokenizer, progress, replace_atomic, run_main
 from homer_ref.cli.generate import (
     add_homer_options,
     add_prompt_options,
     check_homer_options,
-    encode_parts,
+    homer_parts,
     load_shipped_model,
     read_prompt,
     run_homer,
-    split_prompt,
 )
 from homer_ref.homer import HomerCache, NodeTrace, homer_generate
 from homer_ref.homer.traversal import plain_kv
-from homer_ref.loading import Tokenizer, check_tokenizer, load_model, load_tokenizer
+from homer_ref.loading import Tokenizer
 from homer_ref.tasks import passkey
 
 COLLAPSE = 4  # a run of at least this many removed, unmarked slots is drawn as one "... n pruned ..."
@@ -288,15 +287,13 @@ def main(argv: list[str] | None = None) -> int:
         if not ((args.prefix or "") + text + (args.suffix or "")).strip():
             raise ValueError("the prompt is empty, there is nothing to draw; pass --prompt TEXT or --prompt-file FILE")
         model_path = args.model
-        model = load_model(model_path, dtype=DTYPES[args.dtype])
-        set_threads_for(model)
-        tokenizer = load_tokenizer(args.tokenizer if args.tokenizer else model_path)
-        check_tokenizer(tokenizer, model.cfg)
+        tokenizer = open_tokenizer(model_path, args.tokenizer)  # cheap checks before the weights are read
+        model = open_model(model_path, tokenizer, DTYPES[args.dtype])
         M = args.max_chunk_len or model.cfg.max_position_embeddings // 2
-        parts = encode_parts(tokenizer, *split_prompt(text, args.prefix, args.suffix), max_suffix=max(1, M // 4))
+        parts = homer_parts(tokenizer, args, text, M)
         marked, title, notes = set(), f"HOMER on a {sum(map(len, parts))}-token prompt", []
     cache = run_homer(model, args, M, *parts, model_path)
-    answer = tokenizer.decode(homer_generate(model, cache, args.max_new_tokens, stop_ids=(tokenizer.eos_id,)))
+    answer = tokenizer.decode(homer_generate(model, cache, args.max_new_tokens, stop_ids=tokenizer.stop_ids))
     notes.append(f"HOMER's greedy continuation: {answer.strip()!r}")
     pieces = token_pieces(tokenizer, [i for part in parts for i in part])
     html = render_html(cache, pieces, title, notes, marked)

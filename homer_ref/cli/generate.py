@@ -11,38 +11,57 @@ tree needs them; `plan.default_warmup_layers`). The bias
 table is `homer_bias.safetensors` in the model directory, or `--bias FILE`; without one, HOMER calibrates on
 the prompt's own context and says so (`--reduction` picks another mode).
 
+Models: an HF directory (or its model.safetensors / config.json), a GGUF file, or a llama2.c .bin; the tokenizer
+is the model's own (tokenizer.json or tokenizer.model beside it, the GGUF vocabulary) unless `--tokenizer`.
+`--chat` wraps the prompt in the model's chat template (one user turn, then the assistant header). With HOMER the
+template's opening (system prompt, user header) joins the prefix and its closing (end of the user turn,
+assistant header) the suffix, so that every chunk sees both; the default split then keeps the prompt's last line
+as the suffix, before the closing.
+
+Token ids instead of text: `--prompt-ids FILE.json` holds a JSON list of ints (the whole prompt; with
+`--prefix-ids` / `--suffix-ids` FILE.json around it for HOMER) or an object with `prefix_ids`, `context_ids`,
+`suffix_ids` (the trace input's names). `--print-ids` prints the generated ids as one JSON list instead of text,
+so a model without any tokenizer runs too.
+
 stdout carries the generated continuation only (so it pipes); settings, the HOMER plan and timing go to stderr.
 """
 
 import argparse
+import json
 import math
 import sys
 import textwrap
 import time
 from pathlib import Path
 
-from homer_ref.cli.common import DTYPES, progress, run_main, set_threads_for
-from homer_ref.decoding import generate_plain, greedy_batch
+from homer_ref.cli.common import DTYPES, open_model, open_tokenizer, progress, run_main, set_threads_for
+from homer_ref.decoding import check_ids, generate_plain, greedy_batch
 from homer_ref.homer import homer_generate, homer_prefill
 from homer_ref.homer.calibration import calibrate_on_context, find_bias
 from homer_ref.homer.plan import REDUCTIONS, HomerConfig, plan
 from homer_ref.homer.traversal import plain_kv
 from homer_ref.llama import Llama
-from homer_ref.loading import Tokenizer, check_tokenizer, load_model, load_tokenizer
+from homer_ref.loading import Tokenizer, load_model, load_tokenizer
 from homer_ref.tasks import passkey
 
 CONTEXT_MARKER, SUFFIX_MARKER = "<<<CONTEXT>>>", "<<<SUFFIX>>>"
 
 
-def add_prompt_options(p: argparse.ArgumentParser) -> None:
-    """The model and the prompt, as `generate` takes them (shared with `explain`)."""
-    p.add_argument("--model", help="HF model directory or llama2.c .bin checkpoint (default: the shipped model)")
-    p.add_argument("--tokenizer", help="sentencepiece .model file (default: tokenizer.model in the model directory)")
+def add_prompt_options(p: argparse.ArgumentParser) -> argparse._MutuallyExclusiveGroup:
+    """The model and a text prompt, as `generate` takes them (shared with `explain`); returns the prompt group."""
+    p.add_argument("--model", help="HF model directory, .gguf or llama2.c .bin checkpoint (default: the shipped model)")
+    p.add_argument(
+        "--tokenizer",
+        help="tokenizer.json, sentencepiece .model or .gguf (default: the model's own: tokenizer.json or "
+        "tokenizer.model beside it, or the GGUF file's vocabulary)",
+    )
     prompt = p.add_mutually_exclusive_group()
     prompt.add_argument("--prompt", help="prompt text (default: empty, i.e. start from BOS)")
     prompt.add_argument("--prompt-file", type=Path, help="read the prompt from this UTF-8 file")
     p.add_argument("--prefix", help="HOMER prefix text (given to every chunk), placed before the prompt")
     p.add_argument("--suffix", help="HOMER suffix text (e.g. the question), placed after the prompt")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template (one user turn)")
+    return prompt
 
 
 def add_homer_options(p: argparse.ArgumentParser) -> argparse._ArgumentGroup:
@@ -63,11 +82,19 @@ def add_homer_options(p: argparse.ArgumentParser) -> argparse._ArgumentGroup:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m homer_ref.generate",
-        description="Continue a prompt with a Llama model (HF directory or llama2.c .bin); prompts longer than "
+        description="Continue a prompt with a Llama model (HF directory, GGUF or llama2.c .bin); prompts longer than "
         "the trained context run HOMER. With no arguments: a passkey demo on the shipped model at 8x its "
         "trained context. The continuation goes to stdout, everything else to stderr.",
     )
-    add_prompt_options(p)
+    prompt = add_prompt_options(p)
+    prompt.add_argument(
+        "--prompt-ids",
+        type=Path,
+        help="JSON file of token ids: a list (the prompt), or an object with prefix_ids, context_ids, suffix_ids",
+    )
+    p.add_argument("--prefix-ids", type=Path, help="JSON list of token ids before --prompt-ids (HOMER's prefix)")
+    p.add_argument("--suffix-ids", type=Path, help="JSON list of token ids after --prompt-ids (HOMER's suffix)")
+    p.add_argument("--print-ids", action="store_true", help="print the generated token ids (a JSON list), not text")
     p.add_argument("--max-new-tokens", type=int, default=100, help="tokens to generate (default 100)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default), > 0 samples")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (default 1)")
@@ -119,13 +146,63 @@ def split_prompt(text: str, prefix: str | None, suffix: str | None) -> tuple[str
     return prefix or "", body, last
 
 
-def encode_parts(tok: Tokenizer, prefix: str, context: str, suffix: str, max_suffix: int):
-    """Token ids of the three parts: BOS starts the prefix; an over-long suffix moves its head into the context."""
-    prefix_ids, context_ids = tok.encode(prefix, bos=True), tok.encode(context, bos=False) if context else []
-    suffix_ids = tok.encode(suffix, bos=False) if suffix else []
+def encode_parts(tok: Tokenizer, prefix: str, context: str, suffix: str, max_suffix: int, bos: bool | None = None):
+    """Token ids of the three parts: BOS (when the model adds one; `bos` forces it) starts the prefix; an over-long
+    suffix moves its head into the context."""
+    prefix_ids, context_ids, suffix_ids = (
+        tok.encode(prefix, bos=bos),
+        tok.encode(context, False),
+        tok.encode(suffix, False),
+    )
     if len(suffix_ids) > max_suffix:
         context_ids, suffix_ids = context_ids + suffix_ids[:-max_suffix], suffix_ids[-max_suffix:]
     return prefix_ids, context_ids, suffix_ids
+
+
+def homer_parts(tok: Tokenizer, args: argparse.Namespace, text: str, M: int):
+    """HOMER's (prefix, context, suffix) ids of a text prompt: the split of `split_prompt`, and under --chat the
+    template's opening joined to the prefix and its closing to the suffix (so every chunk sees both)."""
+    opening, closing = tok.chat_affixes() if args.chat else ("", "")
+    prefix, context, suffix = split_prompt(text, args.prefix, args.suffix)
+    bos = False if args.chat else None  # a chat template writes its own BOS
+    return encode_parts(tok, opening + prefix, context, suffix + closing, max(1, M // 4), bos)
+
+
+def read_ids(path: Path, name: str, parts: bool = False):
+    """Token ids from a JSON file: a list of ints, or (when `parts`) also an object with prefix_ids, context_ids
+    and suffix_ids, returned as a (prefix, context, suffix) tuple. A ValueError names what is wrong."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise ValueError(f"{name} {path}: {e.strerror}") from e
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, numbers too long or too deep
+        raise ValueError(f"{name} {path}: not valid UTF-8 JSON ({e})") from e
+    keys = ("prefix_ids", "context_ids", "suffix_ids")
+    if parts and isinstance(data, dict):
+        if set(data) != set(keys):
+            raise ValueError(f"{name} {path}: a JSON object must have exactly the keys {', '.join(keys)}")
+        return tuple(_id_list(data[key], f"{name} {path}: '{key}'") for key in keys)
+    return _id_list(data, f"{name} {path}")
+
+
+def _id_list(value, what: str) -> list[int]:
+    if not isinstance(value, list) or any(isinstance(i, bool) or not isinstance(i, int) for i in value):
+        raise ValueError(f"{what} must be a JSON list of integer token ids")
+    return value
+
+
+def prompt_from_ids(args, parser):
+    """(plain prompt ids, HOMER parts or None) from --prompt-ids / --prefix-ids / --suffix-ids."""
+    given = read_ids(args.prompt_ids, "--prompt-ids", parts=True)
+    if isinstance(given, tuple):
+        if args.prefix_ids or args.suffix_ids:
+            parser.error("--prefix-ids/--suffix-ids go with a --prompt-ids list, not an object that already has them")
+        return [i for part in given for i in part], given
+    if not (args.prefix_ids or args.suffix_ids):
+        return given, None
+    prefix = read_ids(args.prefix_ids, "--prefix-ids") if args.prefix_ids else []
+    suffix = read_ids(args.suffix_ids, "--suffix-ids") if args.suffix_ids else []
+    return prefix + given + suffix, (prefix, given, suffix)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -137,41 +214,70 @@ def main(argv: list[str] | None = None) -> int:
     if not 0 < args.top_p <= 1:
         parser.error(f"--top-p must be in (0, 1], got {args.top_p}")
     if args.model is None:
+        if args.prompt_ids is not None:
+            parser.error("--prompt-ids needs --model (without --model the shipped passkey demo runs)")
         return passkey_demo(args)
+    if (args.prefix_ids or args.suffix_ids) and args.prompt_ids is None:
+        parser.error("--prefix-ids/--suffix-ids need --prompt-ids (for text, use --prefix/--suffix)")
+    if args.prompt_ids is not None and (args.prefix is not None or args.suffix is not None or args.chat):
+        parser.error("--prefix/--suffix/--chat apply to text; with --prompt-ids give the ids of every part")
     text = read_prompt(parser, args)
+    prompt_ids, id_parts = prompt_from_ids(args, parser) if args.prompt_ids is not None else (None, None)
     t0 = time.perf_counter()
-    model = load_model(args.model, dtype=DTYPES[args.dtype])
-    set_threads_for(model)
-    tokenizer = load_tokenizer(args.tokenizer if args.tokenizer else args.model)
-    check_tokenizer(tokenizer, model.cfg)
-    full = (args.prefix or "") + text + (args.suffix or "")
+    # Cheap checks first: the tokenizer, its vocabulary and the ids against the model's config, then the weights.
+    tokenizer = open_tokenizer(args.model, args.tokenizer, required=prompt_ids is None or not args.print_ids)
+    opening, closing = tokenizer.chat_affixes() if args.chat else ("", "")
+    if prompt_ids is None:
+        full = (args.prefix or "") + text + (args.suffix or "")
+        prompt_ids = tokenizer.encode(opening + full + closing, bos=False if args.chat else None)
+    mode = args.mode
+
+    def check(cfg) -> None:  # before the weights are read
+        nonlocal mode
+        check_ids(prompt_ids, cfg.vocab_size, "the prompt")
+        if mode == "auto":
+            mode = "plain" if len(prompt_ids) <= cfg.max_position_embeddings else "homer"
+        if mode == "homer" and args.prompt_ids is None and not text.strip():
+            raise ValueError("the prompt is empty, there is nothing for HOMER to read; pass --prompt or --prompt-file")
+        if mode == "homer" and args.prompt_ids is not None and id_parts is None:
+            raise ValueError(
+                "HOMER needs the prompt split into prefix / context / suffix: give --prompt-ids an object with "
+                "prefix_ids, context_ids and suffix_ids, or add --prefix-ids / --suffix-ids (or use --mode plain)"
+            )
+
+    model = open_model(args.model, tokenizer, DTYPES[args.dtype], check)
     trained = model.cfg.max_position_embeddings
-    n_prompt = len(tokenizer.encode(full, bos=True))
-    mode = args.mode if args.mode != "auto" else ("plain" if n_prompt <= trained else "homer")
-    if mode == "homer" and not full.strip():
-        raise ValueError("the prompt is empty, there is nothing for HOMER to read; pass --prompt or --prompt-file")
-    progress(f"model {args.model} ({args.dtype}), prompt {n_prompt} tokens, trained context {trained}, mode {mode}")
+    progress(
+        f"model {args.model} ({args.dtype}), prompt {len(prompt_ids)} tokens, trained context {trained}, mode {mode}"
+        + (", chat template" if args.chat else "")
+    )
     printed, out = "", []
 
     def stream(token: int) -> None:  # print the text as it grows (sentencepiece joins pieces context-dependently)
         nonlocal printed
         out.append(token)
+        if args.print_ids:
+            return
         decoded = tokenizer.decode(out)
         sys.stdout.write(decoded[len(printed) :])
         sys.stdout.flush()
         printed = decoded
 
-    sampling = dict(temperature=args.temperature, top_p=args.top_p, seed=args.seed, stop_ids=(tokenizer.eos_id,))
+    stop_ids = tokenizer.stop_ids if tokenizer is not None else ()
+    sampling = dict(temperature=args.temperature, top_p=args.top_p, seed=args.seed, stop_ids=stop_ids)
     t1 = time.perf_counter()
     if mode == "plain":
-        generate_plain(model, tokenizer.encode(full, bos=True), args.max_new_tokens, on_token=stream, **sampling)
+        generate_plain(model, prompt_ids, args.max_new_tokens, on_token=stream, **sampling)
     else:
         M = args.max_chunk_len or trained // 2
-        parts = encode_parts(tokenizer, *split_prompt(text, args.prefix, args.suffix), max_suffix=max(1, M // 4))
+        parts = id_parts if args.prompt_ids is not None else homer_parts(tokenizer, args, text, M)
         cache = run_homer(model, args, M, *parts, args.model)
         homer_generate(model, cache, args.max_new_tokens, on_token=stream, **sampling)
     t2 = time.perf_counter()
-    sys.stdout.write("\n" if sys.stdout.isatty() else "")
+    if args.print_ids:
+        print(json.dumps(out))
+    else:
+        sys.stdout.write("\n" if sys.stdout.isatty() else "")
     progress(f"generated {len(out)} tokens in {t2 - t1:.2f} s (prefill included); load {t1 - t0:.2f} s")
     return 0
 

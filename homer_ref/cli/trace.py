@@ -9,10 +9,10 @@ import json
 import sys
 from pathlib import Path
 
-from homer_ref.cli.common import DTYPES, check_out, progress, run_main, save_atomic, set_threads_for
+from homer_ref.cli.common import DTYPES, check_out, open_model, progress, run_main, save_atomic
+from homer_ref.decoding import check_ids
 from homer_ref.homer import homer_prefill
 from homer_ref.homer.calibration import load_bias
-from homer_ref.loading import load_model
 from homer_ref.testing.trace import parse_input, trace_metadata, trace_tensors
 
 
@@ -22,7 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run HOMER on the token ids of an input JSON and write the compact cache, logits and every "
         "tree node's decisions to a safetensors trace (the answer key for other implementations).",
     )
-    p.add_argument("--model", required=True, help="HF model directory or llama2.c .bin checkpoint")
+    p.add_argument("--model", required=True, help="HF model directory, .gguf or llama2.c .bin checkpoint")
     p.add_argument("--input", required=True, type=Path, help="input JSON (ids and HOMER settings)")
     p.add_argument("--bias", type=Path, help="calibration table: safetensors file with a [L, R] tensor 'bias'")
     p.add_argument("--out", required=True, type=Path, help="output .safetensors file")
@@ -44,8 +44,12 @@ def main(argv: list[str] | None = None) -> int:
     prefix, context, suffix, config = parse_input(data)
     bias = load_bias(args.bias) if args.bias is not None else None
     dtype = DTYPES[args.dtype]
-    model = load_model(args.model, dtype=dtype)
-    set_threads_for(model)
+
+    def check(cfg) -> None:  # before the weights are read
+        for name, ids in (("prefix_ids", prefix), ("context_ids", context), ("suffix_ids", suffix)):
+            check_ids(ids, cfg.vocab_size, f"'{name}'")
+
+    model = open_model(args.model, None, dtype, check)
     result = homer_prefill(model, prefix, context, suffix, config, bias=bias, traversal=args.traversal, all_logits=True)
     metadata = trace_metadata(result, data, str(args.model), str(args.bias) if args.bias else "", args.dtype)
     save_atomic(trace_tensors(result, dtype), args.out, metadata)

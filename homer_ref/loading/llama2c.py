@@ -2,7 +2,7 @@
 
 Header: 7 little-endian int32 (dim, hidden_dim, n_layers, n_heads, n_kv_heads, vocab_size, seq_len; a positive
 vocab_size means the output head is tied), then float32 arrays in a fixed order. llama2.c stores q/k in Meta's
-*interleaved* RoPE layout (pairs (2i, 2i+1)); `_interleaved_to_half_split` is the one place where they are
+*interleaved* RoPE layout (pairs (2i, 2i+1)); `weights.interleaved_to_half_split` is the one place where they are
 permuted to HF's half-split layout (pairs (i, i + Dh/2)) that `llama.py` uses.
 """
 
@@ -13,23 +13,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from homer_ref.llama import Llama
+from homer_ref.llama import Llama, LlamaConfig
 from homer_ref.loading.config import CheckpointError, parse_config
-from homer_ref.loading.weights import build_model, check_file_fits
+from homer_ref.loading.weights import build_model, check_file_fits, interleaved_to_half_split
 
 _LLAMA2C_HEADER = struct.Struct("<7i")  # dim, hidden_dim, n_layers, n_heads, n_kv_heads, vocab_size, seq_len
 
 
-def _interleaved_to_half_split(w: np.ndarray, n_heads: int) -> np.ndarray:
-    """Permute q/k rows of each head from Meta's RoPE pairs (2i, 2i+1) to HF's pairs (i, i + Dh/2)."""
-    rows, D = w.shape
-    Dh = rows // n_heads
-    return w.reshape(n_heads, Dh // 2, 2, D).transpose(0, 2, 1, 3).reshape(rows, D)
-
-
-def load_llama2c(path: Path, dtype, device) -> Llama:
-    check_file_fits([path])
-    data = path.read_bytes()
+def _header_config(path: Path, data: bytes) -> tuple[LlamaConfig, int]:
+    """(config, seq_len) from the 28-byte header at the start of `data`."""
     if len(data) < _LLAMA2C_HEADER.size:
         raise CheckpointError(f"{path}: {len(data)} bytes is too short for a llama2.c header (28 bytes)")
     if data.startswith((b"PK\x03\x04", b"\x80\x02\x8a\x0a")):  # torch.save's zip archive, or its legacy pickle
@@ -37,10 +29,11 @@ def load_llama2c(path: Path, dtype, device) -> Llama:
             f"{path}: a pickled PyTorch checkpoint, which homer_ref never loads; convert it to an HF directory "
             "with save_pretrained(..., safe_serialization=True)"
         )
+    if data.startswith(b"GGUF"):
+        raise CheckpointError(f"{path}: a GGUF file without the .gguf extension; rename it to end in .gguf")
     dim, hidden, L, Hq, Hkv, vocab, seq_len = _LLAMA2C_HEADER.unpack_from(data)
     if dim == 0x616B3432:  # "ak42": llama2.c version-1/2 export
         raise CheckpointError(f"{path}: llama2.c v1/v2 export; only the legacy format is read (export --version 0)")
-    tied = vocab > 0
     cfg_dict = {
         "vocab_size": abs(vocab),
         "hidden_size": dim,
@@ -51,10 +44,23 @@ def load_llama2c(path: Path, dtype, device) -> Llama:
         "max_position_embeddings": seq_len,
         "rms_norm_eps": 1e-5,
         "rope_theta": 10000.0,
-        "tie_word_embeddings": tied,
+        "tie_word_embeddings": vocab > 0,  # a positive vocab_size means the output head is tied
     }
-    cfg = parse_config(cfg_dict, f"{path} (header)")
-    V, D, Dh, F = cfg.vocab_size, dim, cfg.head_dim, hidden
+    return parse_config(cfg_dict, f"{path} (header)"), seq_len
+
+
+def llama2c_config(path: Path) -> LlamaConfig:
+    """The `LlamaConfig` of a llama2.c `.bin` from its header alone."""
+    with open(path, "rb") as f:
+        return _header_config(path, f.read(_LLAMA2C_HEADER.size))[0]
+
+
+def load_llama2c(path: Path, dtype, device) -> Llama:
+    check_file_fits([path])
+    data = path.read_bytes()
+    cfg, seq_len = _header_config(path, data)
+    L, Hq, Hkv, tied = cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.tie_word_embeddings
+    V, D, Dh, F = cfg.vocab_size, cfg.hidden_size, cfg.head_dim, cfg.intermediate_size
     # The arrays in file order: (checkpoint name, or its per-layer suffix; shape; stored once per layer?).
     layout = [
         ("model.embed_tokens.weight", [V, D], False),
@@ -86,7 +92,7 @@ def load_llama2c(path: Path, dtype, device) -> Llama:
         if per_layer:
             for i, w in enumerate(array.reshape(L, *shape)):
                 if name in ("self_attn.q_proj.weight", "self_attn.k_proj.weight"):
-                    w = _interleaved_to_half_split(w, Hq if name.startswith("self_attn.q") else Hkv)
+                    w = interleaved_to_half_split(w, Hq if name.startswith("self_attn.q") else Hkv)
                 tensors[f"model.layers.{i}.{name}"] = torch.from_numpy(w.copy())
         elif not name.startswith("rope_"):
             tensors[name] = torch.from_numpy(array.reshape(shape).copy())

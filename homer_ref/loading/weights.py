@@ -10,6 +10,7 @@ memory available is refused before it is read (`budget.py`).
 import json
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 
@@ -38,6 +39,16 @@ def num_parameters(cfg: LlamaConfig) -> int:
     per_layer += 3 * D * F + 2 * D
     head = 1 if cfg.tie_word_embeddings else 2
     return head * cfg.vocab_size * D + cfg.num_hidden_layers * per_layer + D
+
+
+def interleaved_to_half_split(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """Permute q/k rows of each head from Meta's RoPE pairs (2i, 2i+1) to HF's pairs (i, i + Dh/2).
+
+    Meta's checkpoints, llama2.c and llama.cpp's GGUF files store q/k in the interleaved layout; `llama.py` uses
+    HF's half-split one. This is the one place that converts."""
+    rows, D = w.shape
+    Dh = rows // n_heads
+    return w.reshape(n_heads, Dh // 2, 2, D).transpose(0, 2, 1, 3).reshape(rows, D)
 
 
 def check_file_fits(paths: list[Path]) -> None:
@@ -104,7 +115,8 @@ def _read_safetensors(path: Path, keys: list[str] | None = None) -> dict[str, to
         raise CheckpointError(f"{path}: not a readable safetensors file ({e}); re-save it or re-download it") from e
 
 
-def load_hf_dir(path: Path, dtype, device) -> Llama:
+def hf_dir_config(path: Path) -> LlamaConfig:
+    """The `LlamaConfig` of an HF model directory, from its config.json alone."""
     config_path = path / "config.json"
     if not config_path.is_file():
         raise CheckpointError(
@@ -115,7 +127,11 @@ def load_hf_dir(path: Path, dtype, device) -> Llama:
         d = json.loads(config_path.read_text(encoding="utf-8"))
     except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, a 5000-digit number
         raise CheckpointError(f"{config_path}: not valid JSON ({e})") from e
-    cfg = parse_config(d, str(config_path))
+    return parse_config(d, str(config_path))
+
+
+def load_hf_dir(path: Path, dtype, device) -> Llama:
+    cfg = hf_dir_config(path)
     index = path / "model.safetensors.index.json"
     if (path / "model.safetensors").is_file():
         check_file_fits([path / "model.safetensors"])

@@ -141,29 +141,35 @@ class PasskeyPrompt:
         return self.prefix + self.context + self.suffix
 
 
-def encode_prompt(tok, prefix: str, context: str, suffix: str, passkey: int) -> PasskeyPrompt:
-    """A sample's texts as token ids, split as HOMER reads them: BOS (+ instruction) | haystack | question."""
+def encode_prompt(tok, prefix: str, context: str, suffix: str, passkey: int, chat: bool = False) -> PasskeyPrompt:
+    """A sample's texts as token ids, split as HOMER reads them: BOS when the model adds one (+ the instruction) |
+    haystack | question. With `chat`, the chat template's opening joins the prefix and its closing the suffix
+    (`Tokenizer.chat_affixes`), and BOS is the template's own."""
+    opening, closing = tok.chat_affixes() if chat else ("", "")
     context_ids = tok.encode(context, bos=False)
     digits = {t for t in set(context_ids) if tok.decode([t]).strip().isdigit()}
     return PasskeyPrompt(
-        tok.encode(prefix, bos=True) if prefix else [tok.bos_id],
+        tok.encode(opening + prefix, bos=False if chat else None),
         context_ids,
-        tok.encode(suffix, bos=False),
+        tok.encode(suffix + closing, bos=False),
         passkey,
         [i for i, t in enumerate(context_ids) if t in digits],
     )
 
 
-def passkey_prompts(tok, length: int, samples: int, seed: int, instruction: bool = False) -> list[PasskeyPrompt]:
+def passkey_prompts(
+    tok, length: int, samples: int, seed: int, instruction: bool = False, chat: bool = False
+) -> list[PasskeyPrompt]:
     """`samples` prompts of `length - ANSWER_ROOM` tokens, depths stratified over [0, 1], all seeded.
 
-    `tok` is a `homer_ref.Tokenizer`; the prefix is BOS (+ the instruction), the suffix the question.
+    `tok` is a `homer_ref.Tokenizer` (see `encode_prompt` for the split and `chat`). Lengths count the shipped
+    tokenizer's tokens (`count_tokens`): with another tokenizer the prompts are longer or shorter than `length`.
     """
     prompts = []
     for s in range(samples):
         rng = random.Random(f"passkey:{seed}:{length}:{s}")
         depth = (s + rng.random()) / samples
-        prompts.append(encode_prompt(tok, *make_sample(rng, length - ANSWER_ROOM, depth, instruction)))
+        prompts.append(encode_prompt(tok, *make_sample(rng, length - ANSWER_ROOM, depth, instruction), chat=chat))
     return prompts
 
 

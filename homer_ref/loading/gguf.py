@@ -1,0 +1,346 @@
+"""GGUF files (llama.cpp's format) -> a `Llama` and a `Tokenizer`, read with the `gguf` package (ggml's own reader).
+
+A GGUF file holds metadata (key -> value) and tensors in llama.cpp's names and, for quantized types, in blocks.
+Reading one:
+- the config comes from the metadata (`gguf_config_dict`: llama.* keys -> HF config.json fields, then the one
+  `parse_config`), the output head is tied when the file has no `output.weight`, and Llama 3.1+'s "llama3" RoPE
+  scaling is recovered from the per-frequency divisors llama.cpp stores in `rope_freqs.weight`;
+- every tensor is dequantized by `gguf.quants.dequantize` (every type it implements: F32, F16, BF16, Q8_0,
+  Q4_0, Q4_1, Q4_K, Q6_K, ...), renamed to HF's name, and q/k rows are permuted back: llama.cpp's converter
+  stores them in Meta's interleaved RoPE layout (the same permutation as llama2.c, `interleaved_to_half_split`);
+- the tensors then go through the one `build_model`, which checks names, shapes and values;
+- the tokenizer is built from the vocabulary (`tokenizer.ggml.*`) as a `tokenizers.Tokenizer`: the "gpt2" type
+  (byte-level BPE with the file's merges and the pre-tokenizer named by `tokenizer.ggml.pre`) or the "llama"
+  type (sentencepiece BPE: merges ranked by the merged piece's score, byte fallback, "▁" for spaces).
+
+Only Llama-architecture files are read (`general.architecture` = "llama"); anything else, a file that is not
+GGUF, truncated, or lacks a key, is refused with one line naming what is wrong. The file is parsed once per
+process (`open_gguf` keeps the reader), so checking the tokenizer and config before the weights costs nothing.
+"""
+
+import functools
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from homer_ref.llama import Llama, LlamaConfig
+from homer_ref.loading.config import CheckpointError, parse_config
+from homer_ref.loading.tokenizer import HFTokenizer, optional_import
+from homer_ref.loading.weights import build_model, check_file_fits, interleaved_to_half_split
+
+GGUF_MAGIC = b"GGUF"
+ARCHITECTURE = "llama"
+
+# llama.cpp tensor name -> HF checkpoint name ("blk.{i}." -> "model.layers.{i}.").
+GLOBAL_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+LAYER_NAMES = {
+    "attn_norm.weight": "input_layernorm.weight",
+    "attn_q.weight": "self_attn.q_proj.weight",
+    "attn_k.weight": "self_attn.k_proj.weight",
+    "attn_v.weight": "self_attn.v_proj.weight",
+    "attn_output.weight": "self_attn.o_proj.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+    "ffn_gate.weight": "mlp.gate_proj.weight",
+    "ffn_up.weight": "mlp.up_proj.weight",
+    "ffn_down.weight": "mlp.down_proj.weight",
+}
+
+# Pre-tokenizer regexes of llama.cpp's byte-level BPE types (`tokenizer.ggml.pre`), applied in order.
+GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"
+LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+    r"|\s+(?!\S)|\s+"
+)
+PRE_TOKENIZERS = {
+    "default": [GPT2_SPLIT],
+    "gpt2": [GPT2_SPLIT],
+    "smollm": [r"\p{N}", GPT2_SPLIT],  # digits one by one, then GPT-2's split (starcoder's family)
+    "starcoder": [r"\p{N}", GPT2_SPLIT],
+    "llama-bpe": [LLAMA3_SPLIT],  # Llama 3.x
+    "llama3": [LLAMA3_SPLIT],
+}
+IGNORE_MERGES = {"llama-bpe", "llama3"}  # a word that is itself in the vocabulary is one token (Llama 3's rule)
+CONTROL, USER_DEFINED = 3, 4  # tokenizer.ggml.token_type values (1 normal, 2 unknown, 5 unused, 6 byte)
+
+
+# ----------------------------------------------------------------------------------------------- reading
+
+
+@functools.lru_cache(maxsize=2)
+def _reader(path: str, mtime_ns: int, size: int):
+    gguf = optional_import("gguf", f"{path} (a GGUF file)")
+    try:
+        return gguf.GGUFReader(path)
+    except (ValueError, OSError, IndexError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{path}: truncated or corrupt GGUF file ({type(e).__name__}: {e})") from e
+
+
+def open_gguf(path: Path):
+    """A `gguf.GGUFReader` of `path` (memory-mapped: tensors are read when used), parsed once per process."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if head[:4] != GGUF_MAGIC:
+        raise CheckpointError(f"{path}: not a GGUF file (starts with {head[:4]!r}, a GGUF file with {GGUF_MAGIC!r})")
+    version = int.from_bytes(head[4:8], "little") if len(head) == 8 else None
+    if version not in (2, 3):
+        raise CheckpointError(f"{path}: GGUF version {version} is not supported (2 or 3)")
+    stat = path.stat()
+    return _reader(str(path), stat.st_mtime_ns, stat.st_size)
+
+
+class Metadata:
+    """The metadata of a GGUF file: `meta.get(key)` (None when absent) and `meta.require(key)` (an error when)."""
+
+    def __init__(self, reader, path: Path):
+        self.fields, self.path = reader.fields, path
+
+    def get(self, key: str, default=None):
+        field = self.fields.get(key)
+        if field is None:
+            return default
+        value = field.contents()
+        return value.tolist() if isinstance(value, np.ndarray) else value
+
+    def require(self, key: str):
+        if key not in self.fields:
+            raise CheckpointError(f"{self.path}: missing GGUF metadata key '{key}'; is this a complete Llama GGUF?")
+        return self.get(key)
+
+
+def gguf_config_dict(meta: Metadata, tensor_names: set[str]) -> dict:
+    """HF config.json fields from llama.cpp's metadata keys (refusing what a Llama cannot be)."""
+    arch = meta.require("general.architecture")
+    if arch != ARCHITECTURE:
+        raise CheckpointError(
+            f"{meta.path}: architecture {arch!r} is not supported; homer_ref reads Llama models "
+            f"(general.architecture '{ARCHITECTURE}')"
+        )
+    head_count, head_count_kv = meta.require("llama.attention.head_count"), meta.get("llama.attention.head_count_kv")
+    for key, value in (("head_count", head_count), ("head_count_kv", head_count_kv)):
+        if isinstance(value, list):
+            raise CheckpointError(f"{meta.path}: per-layer llama.attention.{key} is not a Llama setting")
+    hidden = meta.require("llama.embedding_length")
+    head_dim = meta.get("llama.attention.key_length", hidden // head_count if head_count else None)
+    rotated = meta.get("llama.rope.dimension_count", head_dim)
+    if rotated != head_dim:
+        raise CheckpointError(
+            f"{meta.path}: llama.rope.dimension_count {rotated} != head dimension {head_dim}; partial RoPE is not Llama"
+        )
+    d = {
+        "vocab_size": meta.get("llama.vocab_size") or len(meta.get("tokenizer.ggml.tokens") or []) or None,
+        "hidden_size": hidden,
+        "intermediate_size": meta.require("llama.feed_forward_length"),
+        "num_hidden_layers": meta.require("llama.block_count"),
+        "num_attention_heads": head_count,
+        "num_key_value_heads": head_count_kv,
+        "head_dim": head_dim,
+        "rms_norm_eps": meta.require("llama.attention.layer_norm_rms_epsilon"),
+        "rope_theta": meta.get("llama.rope.freq_base", 10000.0),
+        "max_position_embeddings": meta.require("llama.context_length"),
+        "tie_word_embeddings": "output.weight" not in tensor_names,
+    }
+    scaling = meta.get("llama.rope.scaling.type", "none")
+    factor = meta.get("llama.rope.scaling.factor", meta.get("llama.rope.scale_linear"))
+    if scaling == "none" and meta.get("llama.rope.scale_linear") is not None:
+        scaling = "linear"
+    if scaling in ("linear", "yarn"):
+        d["rope_scaling"] = {"rope_type": scaling, "factor": factor}
+        if scaling == "yarn":
+            d["rope_scaling"]["original_max_position_embeddings"] = meta.get(
+                "llama.rope.scaling.original_context_length"
+            )
+    elif scaling != "none":
+        raise CheckpointError(f"{meta.path}: llama.rope.scaling.type {scaling!r} is not supported (linear, yarn)")
+    return d
+
+
+def gguf_config(path: Path) -> LlamaConfig:
+    """The `LlamaConfig` of a GGUF file, from its metadata (and the small `rope_freqs.weight`, if any)."""
+    reader = open_gguf(path)
+    tensors = {t.name: t for t in reader.tensors}
+    d = gguf_config_dict(Metadata(reader, path), set(tensors))
+    if "rope_freqs.weight" in tensors:
+        cfg = parse_config(d, str(path))
+        d["rope_scaling"] = llama3_scaling(dequantized(tensors["rope_freqs.weight"], path).reshape(-1), cfg, path)
+    return parse_config(d, str(path))
+
+
+def llama3_scaling(factors: np.ndarray, cfg: LlamaConfig, path: Path) -> dict:
+    """HF's "llama3" `rope_scaling` from the per-frequency divisors llama.cpp stores instead (`rope_freqs.weight`,
+    Llama 3.1+): inv_freq / factors is the scaled frequency.
+
+    llama3 divides long wavelengths by `factor`, keeps short ones, and between the two thresholds blends with
+    smooth = (original / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor), i.e. 1 / divisor =
+    (1 - smooth) / factor + smooth. So factor is the largest divisor, and smooth is linear in 1 / wavelen: a line
+    fitted through the blended frequencies gives original / (high - low) and -low / (high - low). Only those two
+    ratios matter, so low_freq_factor = 1 is chosen (Llama 3.x's own value, which then gives back its
+    high_freq_factor 4 and original context 8192). The result is checked by recomputing every divisor."""
+    from homer_ref.llama import RopeScaling, rope_frequencies
+
+    inv_freq, _ = rope_frequencies(cfg, 0)  # [Dh/2] float64, unscaled
+    factors = factors.astype(np.float64)
+    if factors.shape != (len(inv_freq),) or not np.isfinite(factors).all() or (factors < 1 - 1e-6).any():
+        raise CheckpointError(f"{path}: rope_freqs.weight must hold {len(inv_freq)} divisors >= 1 (llama3 RoPE)")
+    factor = float(factors.max())
+    band = (factors > 1 + 1e-4) & (factors < factor * (1 - 1e-4))
+    if factor <= 1 or band.sum() < 2:
+        raise CheckpointError(f"{path}: rope_freqs.weight is not a llama3 RoPE scaling this reader can recover")
+    x = inv_freq.numpy()[band] / (2 * np.pi)  # 1 / wavelen
+    smooth = (1 / factors[band] - 1 / factor) / (1 - 1 / factor)
+    slope, intercept = np.polyfit(x, smooth, 1)
+    high = 1 - 1 / intercept  # with low = 1: intercept = -1 / (high - 1)
+    scaling = {"rope_type": "llama3", "factor": factor, "low_freq_factor": 1.0, "high_freq_factor": float(high),
+               "original_max_position_embeddings": round(slope * (high - 1))}  # fmt: skip
+    rs = RopeScaling(**scaling)
+    recomputed = inv_freq.numpy() / rope_frequencies(replace(cfg, rope_scaling=rs), 0)[0].numpy()
+    if not np.allclose(recomputed, factors, rtol=1e-4):
+        raise CheckpointError(f"{path}: rope_freqs.weight does not follow llama3 RoPE scaling (the only kind read)")
+    return scaling
+
+
+def hf_name(name: str) -> str | None:
+    """llama.cpp's tensor name -> HF's, or None for a name a Llama does not have."""
+    if name in GLOBAL_NAMES:
+        return GLOBAL_NAMES[name]
+    parts = name.split(".", 2)  # blk, i, rest
+    if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in LAYER_NAMES:
+        return f"model.layers.{parts[1]}.{LAYER_NAMES[parts[2]]}"
+    return None
+
+
+def dequantized(tensor, path: Path) -> np.ndarray:
+    """One GGUF tensor as float32 [rows, columns] in HF's layout (GGUF lists dimensions innermost first)."""
+    from gguf.quants import dequantize
+
+    try:
+        values = dequantize(tensor.data, tensor.tensor_type)
+    except NotImplementedError as e:
+        raise CheckpointError(
+            f"{path}: tensor '{tensor.name}' has quantization type {tensor.tensor_type.name}, which the installed "
+            "gguf package cannot dequantize; upgrade gguf or re-quantize the file (e.g. Q8_0, Q4_K)"
+        ) from e
+    expected = tuple(int(n) for n in reversed(tensor.shape.tolist()))
+    if values.shape != expected:
+        values = values.reshape(expected)
+    values = values.astype(np.float32, copy=False)
+    return values if values.flags.writeable else values.copy()  # F32 tensors come back as views of the mapped file
+
+
+def load_gguf(path: Path, dtype, device) -> Llama:
+    """A `Llama` from a Llama-architecture GGUF file, dequantized to `dtype` on `device`."""
+    reader = open_gguf(path)
+    cfg = gguf_config(path)
+    check_file_fits([path])
+    tensors = {}
+    for tensor in reader.tensors:
+        if tensor.name == "rope_freqs.weight":  # read into the config (llama3 RoPE scaling)
+            continue
+        name = hf_name(tensor.name)
+        if name is None:
+            raise CheckpointError(
+                f"{path}: unexpected tensor '{tensor.name}' for a Llama (is it another architecture?)"
+            )
+        w = dequantized(tensor, path)
+        if name.endswith(("q_proj.weight", "k_proj.weight")):
+            heads = cfg.num_attention_heads if name.endswith("q_proj.weight") else cfg.num_key_value_heads
+            if w.ndim != 2 or w.shape[0] != heads * cfg.head_dim:
+                raise CheckpointError(f"{path}: tensor '{tensor.name}' has shape {w.shape}, not [{heads}*head_dim, D]")
+            w = interleaved_to_half_split(w, heads)
+        tensors[name] = torch.from_numpy(np.ascontiguousarray(w))
+    return build_model(cfg, tensors, str(path), dtype, device)
+
+
+# ----------------------------------------------------------------------------------------------- tokenizer
+
+
+def has_vocabulary(path: Path) -> bool:
+    """Whether a GGUF file carries a tokenizer (`tokenizer.ggml.model`); a model-only file has none."""
+    return "tokenizer.ggml.model" in open_gguf(path).fields
+
+
+def load_gguf_tokenizer(path: Path) -> HFTokenizer:
+    """The tokenizer of a GGUF file's vocabulary ("gpt2" byte-level BPE or "llama" sentencepiece type)."""
+    tokenizers = optional_import("tokenizers", f"{path} (a GGUF tokenizer)")
+    meta = Metadata(open_gguf(path), path)
+    kind = meta.require("tokenizer.ggml.model")
+    tokens = meta.require("tokenizer.ggml.tokens")
+    types = meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)
+    if kind == "gpt2":
+        backend = _byte_level_bpe(tokenizers, meta, tokens)
+        add_bos_default = False
+    elif kind == "llama":
+        backend = _sentencepiece_bpe(tokenizers, meta, tokens, types)
+        add_bos_default = True
+    else:
+        raise CheckpointError(f"{path}: tokenizer.ggml.model {kind!r} is not supported (gpt2, llama)")
+    # Control tokens (<|im_start|>, <s>) are matched whole in text, as llama.cpp does with special parsing.
+    specials = [tokenizers.AddedToken(t, special=True, normalized=False) for t, k in zip(tokens, types) if k == CONTROL]
+    backend.add_special_tokens(specials)
+    backend.add_tokens([tokenizers.AddedToken(t, normalized=False) for t, k in zip(tokens, types) if k == USER_DEFINED])
+    if backend.get_vocab_size(with_added_tokens=True) != len(tokens):
+        raise CheckpointError(f"{path}: the GGUF vocabulary repeats tokens ({len(tokens)} listed)")
+    stops = [meta.get(f"tokenizer.ggml.{key}_token_id") for key in ("eot", "eom")]
+    return HFTokenizer(
+        path,
+        backend,
+        bos_id=meta.get("tokenizer.ggml.bos_token_id"),
+        eos_id=meta.get("tokenizer.ggml.eos_token_id"),
+        add_bos=meta.get("tokenizer.ggml.add_bos_token", add_bos_default),
+        stop_ids=[i for i in stops if i is not None],
+        chat_template=meta.get("tokenizer.chat_template"),
+    )
+
+
+def _byte_level_bpe(tokenizers, meta: Metadata, tokens: list[str]):
+    """GPT-2-style byte-level BPE: the file's merges, the pre-tokenizer its `tokenizer.ggml.pre` names."""
+    from tokenizers import Regex, decoders, models, pre_tokenizers
+
+    pre = meta.get("tokenizer.ggml.pre", "default")
+    if pre not in PRE_TOKENIZERS:
+        raise CheckpointError(
+            f"{meta.path}: pre-tokenizer tokenizer.ggml.pre {pre!r} is not supported ({', '.join(PRE_TOKENIZERS)})"
+        )
+    merges = [tuple(m.split(" ", 1)) for m in meta.require("tokenizer.ggml.merges")]
+    vocab = {t: i for i, t in enumerate(tokens)}
+    backend = tokenizers.Tokenizer(models.BPE(vocab, merges, ignore_merges=pre in IGNORE_MERGES))
+    splits = [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in PRE_TOKENIZERS[pre]]
+    backend.pre_tokenizer = pre_tokenizers.Sequence(splits + [pre_tokenizers.ByteLevel(False, use_regex=False)])
+    backend.decoder = decoders.ByteLevel()
+    return backend
+
+
+def _sentencepiece_bpe(tokenizers, meta: Metadata, tokens: list[str], types: list[int]):
+    """Sentencepiece BPE from pieces and scores: the pair whose merged piece scores highest merges first."""
+    from tokenizers import decoders, models, pre_tokenizers
+
+    scores = meta.require("tokenizer.ggml.scores")
+    vocab = {t: i for i, t in enumerate(tokens)}
+    merges = []
+    for piece, kind in zip(tokens, types):
+        if kind != 1:  # normal pieces only: control, unknown, byte and unused pieces are never merged into
+            continue
+        merges += [(piece[:k], piece[k:], scores[vocab[piece]]) for k in range(1, len(piece))
+                   if piece[:k] in vocab and piece[k:] in vocab]  # fmt: skip
+    merges.sort(key=lambda m: (-m[2], vocab[m[0]], vocab[m[1]]))
+    unk = meta.get("tokenizer.ggml.unknown_token_id")
+    model = models.BPE(
+        vocab,
+        [(a, b) for a, b, _ in merges],
+        unk_token=None if unk is None else tokens[unk],
+        fuse_unk=True,
+        byte_fallback=True,
+    )
+    backend = tokenizers.Tokenizer(model)
+    prefix = "first" if meta.get("tokenizer.ggml.add_space_prefix", True) else "never"
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme=prefix, split=False)
+    backend.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+        + ([decoders.Strip(" ", 1, 0)] if prefix == "first" else [])
+    )
+    return backend

