@@ -11,6 +11,7 @@ from homer_ref.testing.compare import (
     Trace,
     assert_traces_match,
     compare_traces,
+    decision_gaps,
     decision_margin,
     load_trace,
 )
@@ -22,6 +23,7 @@ __all__ = [
     "Trace",
     "assert_traces_match",
     "compare_traces",
+    "decision_gaps",
     "decision_margin",
     "load_trace",
 ]
