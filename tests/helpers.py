@@ -67,6 +67,8 @@ TOL = {
 }
 
 MEASURED: dict[str, float] = {}  # tolerance key -> largest max |Δ| seen in this pytest run (printed by conftest)
+# (mistake, the cases that catch it, the first divergence) of each mutation run (tests/test_mutations.py; conftest)
+MUTATION_TABLE: list[tuple[str, str, str]] = []
 
 
 def to_numpy(x) -> np.ndarray:

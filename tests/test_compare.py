@@ -423,7 +423,7 @@ def test_a_layer_that_keeps_more_slots_names_the_first_node_to_prune_it(expected
     report = compare_traces(expected, changed(expected, keys__0=wide))
     assert report.first_divergence == (
         "final cache, layer 0: keys hold 30 slots, expected 16, the slots the root keeps in every layer; node (level "
-        "0, index 0) is the first to remove slots from this layer (at layer 1)"
+        "0, index 0) is the first to remove slots from this layer by propagative refinement (it prunes at layer 1)"
     )
 
 

@@ -558,16 +558,21 @@ class _Comparer:
         )
 
     def first_pruner(self, layer: int) -> str:
-        """', and node (level l, index i) is the first to remove slots from layer `layer`' (its reduction layer
-        r >= layer: at r itself, and below r by propagative refinement); '' when no node removes any."""
+        """Who should have removed slots from layer `layer`: '; node (level l, index i) is the first to remove slots
+        from this layer by propagative refinement (it prunes at layer r)' for the first node of the expected trace
+        that prunes above the layer (r > layer), else the first that prunes at it; '' when no node prunes it."""
+        pruners = []
         for level, index in self.e.nodes:
             removed, layers = self.e.node(level, index, "removed"), self.e.node(level, index, "layers")
             if removed is not None and removed.size and int(layers[1]) - 1 >= layer:
-                r = int(layers[1]) - 1
-                return (
-                    f"; node (level {level}, index {index}) is the first to remove slots from this layer (at layer {r})"
-                )
-        return ""
+                pruners.append((int(layers[1]) - 1 > layer, level, index, int(layers[1]) - 1))
+        above = [p for p in pruners if p[0]]
+        if not pruners:
+            return ""
+        _, level, index, r = (above or pruners)[0]
+        how = " by propagative refinement" if above else ""
+        node = f"node (level {level}, index {index})"
+        return f"; {node} is the first to remove slots from this layer{how} (it prunes at layer {r})"
 
     def computed_by(self, layer: int, slot: int) -> str:
         """'; layer 2 of slot 5 was computed by node (level 1, index 0)': the node of the expected trace that ran
