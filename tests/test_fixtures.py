@@ -7,7 +7,8 @@
   TOL["fixture_float32_vs_float64"] (float32 traces) or TOL["fixture_float64"] (float64 traces); both tolerances
   rest on spreads measured with `python scripts/make_fixtures.py --spread` (tests/helpers.py).
 - Correctness: the NumPy oracle (reference/, float64, written independently of the torch code) agrees with every
-  committed trace, node by node; in the `ties` case it shows the ties are exact and that the earlier slot goes.
+  committed trace, node by node, checkpoints included; in the `ties` case it shows the ties are exact and that the
+  earlier slot goes first.
 - Decisions: every pruning decision wins by >= MIN_MARGIN, except the `ties` case's exact ties.
 - Coverage: the cases pin every rule the spec states, and stay small enough to vendor.
 
@@ -119,6 +120,7 @@ def test_oracle_agrees_with_fixture(name, stories_hf):
     tol = TOL["oracle_float64" if entry["dtype"] == "float64" else "oracle_float32"]
     report = compare_traces(FIXTURES / entry["trace"], _oracle(entry, stories_hf), atol=tol.atol, rtol=tol.rtol)
     assert report.ok, f"the NumPy oracle disagrees with fixture {name}:\n{report}"
+    assert "nodes with checkpoints" in report.summary  # the oracle records every node's state at its end too
 
 
 @pytest.mark.parametrize("name", list(CASES))
