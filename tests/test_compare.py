@@ -617,6 +617,7 @@ def every_message(expected: Trace) -> list[str]:
         changed(e, node__1__0__kept=np.arange(11)),
         changed(e, node__0__1__kept=swapped, node__0__1__removed=np.setdiff1d(np.arange(15), swapped)),
         changed(e, node__1__0__removed=[0]),
+        changed(e, node__1__0__kept=e.node(1, 0, "kept")[::-1]),
         changed(e, node__2__0__scores=np.zeros(16)),
         changed(e, node__1__0__scores=None),
         changed(e, node__1__0__scores=e.node(1, 0, "scores") + 1),
