@@ -537,9 +537,13 @@ def regenerate(folder: Path, case: Case, dtype: str, threads: int) -> dict[str, 
     if not model_path.exists():
         model_path = EXTERNAL_MODELS[case.model]["source"]
     torch_dtype = {"float32": torch.float32, "float64": torch.float64}[dtype]
+    before = torch.get_num_threads()
     torch.set_num_threads(threads)
-    result = homer_prefill(load_model(model_path, dtype=torch_dtype), prefix, context, suffix, config, bias=bias,
-                           checkpoints=True)  # fmt: skip
+    try:
+        model = load_model(model_path, dtype=torch_dtype)
+        result = homer_prefill(model, prefix, context, suffix, config, bias=bias, checkpoints=True)
+    finally:
+        torch.set_num_threads(before)
     return {k: v.numpy().astype(np.float64 if v.is_floating_point() else np.int64) for k, v in
             trace_tensors(result, torch_dtype).items()}  # fmt: skip
 

@@ -85,6 +85,11 @@ def test_a_failing_command_is_an_error_line(capsys, tmp_path):
     assert run_main(conformance.main, ["--cmd", garbage, "--cases", "one_chunk"]) == 1
     out = capsys.readouterr().out
     assert "unusable trace: " in out and "not a readable safetensors file" in out
+    sleeps = f"{PY} -c 'import time; time.sleep(30)' {{model}} {{input}} {{out}}"
+    assert run_main(conformance.main, ["--cmd", sleeps, "--cases", "one_chunk", "--timeout", "0.5"]) == 1
+    assert "the command ran past --timeout 0.5 s" in capsys.readouterr().out
+    assert run_main(conformance.main, ["--cmd", "no-such-tool {model} {input} {out}", "--cases", "one_chunk"]) == 1
+    assert "cannot run 'no-such-tool': No such file or directory" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(

@@ -96,6 +96,18 @@ def test_trace_regenerates(name, regenerated):
     assert committed.metadata["dtype"] == case.dtype and fresh.metadata["dtype"] == "float64"
 
 
+def test_the_spread_measurement(regenerated):
+    """`make_fixtures.py --spread`: a library regeneration (any thread count) is measured against the committed
+    trace; equal decisions, and the largest |Δ| within the drift tolerance."""
+    committed = load_trace(FIXTURES / "cases" / "two_leaves" / "trace.safetensors").tensors
+    assert make_fixtures.spread(committed, committed) == (0.0, True)
+    fresh = make_fixtures.regenerate(FIXTURES, CASES["two_leaves"], "float64", threads=2)
+    largest, same = make_fixtures.spread(committed, fresh)
+    assert same and 0 < largest < TOL["fixture_float32_vs_float64"].atol
+    fresh["node.0.0.kept"] = fresh["node.0.0.kept"][::-1].copy()
+    assert not make_fixtures.spread(committed, fresh)[1]
+
+
 def _oracle(entry: dict, stories_hf: Path) -> dict:
     model = stories_hf if entry["model"].endswith(".bin") else FIXTURES / entry["model"]
     config, weights = llama_np.load_hf(str(model))
