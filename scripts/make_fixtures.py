@@ -406,7 +406,7 @@ def readme() -> str:
     )
     models = "\n".join(
         f"- `{name}`: {m['num_hidden_layers']} layers, {m['num_attention_heads']} query heads over "
-        f"{m['num_key_value_heads']} KV heads of {m['head_dim']} dimensions"
+        f"{m['num_key_value_heads']} KV head{'s' if m['num_key_value_heads'] > 1 else ''} of {m['head_dim']} dimensions"
         + (f", RoPE {m['rope_scaling']['rope_type']} scaling" if "rope_scaling" in m else "")
         + (", query projection zero from layer 1 on (exact ties)" if name in ZERO_QUERY_LAYERS else "")
         for name, m in MODELS.items()
