@@ -223,6 +223,11 @@ def run_node(config, weights, chunk, layers, target, level, index, bias, reducti
             "scores": scores,
             "kept": kept,
             "removed": removed,
+            # the node's state at its end (the trace's checkpoints): output hidden states [kept, D], and the
+            # K/V [Hkv, kept, Dh] of each layer it ran
+            "hidden": chunk["h"],
+            "keys": {lay: chunk["keys"][lay] for lay in range(first, last)},
+            "values": {lay: chunk["values"][lay] for lay in range(first, last)},
         }
     )
     return chunk

@@ -1,6 +1,7 @@
 """Shared fixtures: the vendored stories260K folder and a tiny-random-HF-model factory.
 
-Also prints, at the end of a run, the largest max |Δ| each tolerance of `helpers.TOL` met (the measured margins).
+Also prints, at the end of a run, the largest max |Δ| each tolerance of `helpers.TOL` met (the measured margins),
+and the mutation table of tests/test_mutations.py (each mistake, the fixture cases that catch it, the first divergence).
 """
 
 import sys
@@ -17,7 +18,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # `pytest` as well as `python -m pytest` finds homer_ref and reference/
     sys.path.insert(0, str(ROOT))
 
-from helpers import MEASURED, STORIES_DIR, TOL, make_hf_llama  # noqa: E402
+from helpers import MEASURED, MUTATION_TABLE, STORIES_DIR, TOL, make_hf_llama  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -38,6 +39,10 @@ def tiny_hf_model(tmp_path):
 
 
 def pytest_terminal_summary(terminalreporter):
+    if MUTATION_TABLE:
+        terminalreporter.section("mutation table: mistake -> fixture cases that catch it -> first divergence")
+        for mistake, caught, first in MUTATION_TABLE:
+            terminalreporter.write_line(f"{mistake}\n    caught by: {caught}\n    first divergence: {first}")
     if not MEASURED:
         return
     terminalreporter.section("measured max |Δ| per tolerance (tests/helpers.py TOL)")

@@ -255,8 +255,8 @@ def test_trace_and_calibrate_base_arguments_work(ctx, capsys):
 COMPARE = {
     "actual is an input JSON, not a trace": (["{good.json}"], 2, ("not a readable safetensors file", "TRACE_FORMAT")),
     "actual is a directory": (["{root}"], 2, ("is a directory",)),
-    "actual is a bias table": (["{bias5}"], 2, ("not a HOMER trace", "found bias")),
-    "actual missing from the command line": ([], 2, ("the following arguments are required: actual",)),
+    "actual is a bias table": (["{bias5}"], 2, ("not a valid HOMER trace", "found bias")),
+    "actual missing from the command line": ([], 2, ("give EXPECTED and ACTUAL traces (or --validate FILE)",)),
     "--rtol nan": (["{expected}", "--rtol", "nan"], 2, ("--rtol must be >= 0",)),
     "--max-lines -1": (["{expected}", "--max-lines", "-1"], 2, ("--max-lines must be >= 0",)),
 }

@@ -31,6 +31,7 @@ from homer_ref.homer import homer_prefill
 from homer_ref.homer.calibration import load_bias
 from homer_ref.testing import compare_traces, load_trace
 from homer_ref.testing.trace import parse_input
+from homer_ref.testing.validate import trace_problems
 
 FUZZ = settings(
     max_examples=int(os.environ.get("HOMER_REF_FUZZ_EXAMPLES", 60)),
@@ -267,7 +268,7 @@ def replacement(draw, key: str):
 @given(data=st.data(), keys=st.sets(st.sampled_from(sorted(TRACE)), min_size=1, max_size=3), swap=st.booleans())
 def test_structurally_corrupted_traces(data, keys, swap):
     """compare_traces (the compare command) either reports divergences or refuses the file; exit 1 means 'diverge',
-    so an unexpected exception there would be misread as a divergence."""
+    so an unexpected exception there would be misread as a divergence. The validator lists problems, never raises."""
     corrupted = dict(TRACE)
     for key in keys:
         value = data.draw(replacement(key), label=key)
@@ -275,6 +276,8 @@ def test_structurally_corrupted_traces(data, keys, swap):
             del corrupted[key]
         else:
             corrupted[key] = value
+    problems = trace_problems({k: np.asarray(v) for k, v in corrupted.items()})  # --validate: a list, never a raise
+    assert all(isinstance(p.message, str) and p.message for p in problems)
     expected, actual = (corrupted, FOUR_LEAVES) if swap else (FOUR_LEAVES, corrupted)
     try:
         report = compare_traces(expected, actual)

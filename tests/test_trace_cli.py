@@ -21,12 +21,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import ROOT, assert_close, llama2c_to_hf_dir, make_hf_llama
+from helpers import ROOT, TOL, assert_close, llama2c_to_hf_dir, make_hf_llama
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 from homer_ref.cli.common import run_main
 from homer_ref.cli.trace import main as trace_main
+from homer_ref.testing import compare_traces
 from reference import homer_np, llama_np
 
 L, V, HKV, DH = 6, 48, 2, 6  # the random HF model of this module (Hq = 4, D = 24)
@@ -70,17 +71,27 @@ def read_trace(path: Path) -> dict[str, torch.Tensor]:
         return {k: f.get_tensor(k) for k in f.keys()}
 
 
-def check_layout(trace: dict, ref: dict, num_layers: int, float_dtype: torch.dtype) -> None:
-    """The names, dtypes and shapes of the trace format (module docstring of homer_ref/trace.py, README)."""
+def check_layout(trace: dict, ref: dict, num_layers: int, float_dtype: torch.dtype, checkpoints=False) -> None:
+    """The names, dtypes and shapes of docs/TRACE_FORMAT.md ("Tensors"): the slot sources always, the node
+    checkpoints (hidden [kept, D], keys/values.l [Hkv, kept, Dh] per layer run) when asked for."""
     K, vocab = len(ref["positions"]), ref["logits"].shape[1]
     Hkv, _, Dh = ref["keys"][0].shape
-    expected = {"positions", "logits", "last_position_id", "node_order"}
+    expected = {"positions", "sources", "logits", "last_position_id", "node_order"}
     expected |= {f"{kind}.{layer}" for kind in ("keys", "values") for layer in range(num_layers)}
     for n in ref["nodes"]:
         name = f"node.{n['level']}.{n['index']}"
-        expected |= {f"{name}.{field}" for field in ("layers", "target", "input_positions", "kept", "removed")}
+        fields = ("layers", "target", "input_positions", "input_sources", "kept", "removed")
+        expected |= {f"{name}.{field}" for field in fields}
         if n["scores"] is not None:
             expected.add(f"{name}.scores")
+        if checkpoints:
+            expected |= {f"{name}.hidden"} | {f"{name}.{kind}.{layer}" for layer in range(*n["layers"])
+                                              for kind in ("keys", "values")}  # fmt: skip
+            kept = len(n["kept"])
+            assert tuple(trace[f"{name}.hidden"].shape) == (kept, n["hidden"].shape[1])
+            for layer in range(*n["layers"]):
+                assert tuple(trace[f"{name}.keys.{layer}"].shape) == (Hkv, kept, Dh)
+                assert trace[f"{name}.values.{layer}"].dtype == float_dtype
     assert set(trace) == expected, f"missing {expected - set(trace)}, unexpected {set(trace) - expected}"
     assert trace["positions"].dtype == torch.int64 and tuple(trace["positions"].shape) == (K,)
     assert trace["last_position_id"].dtype == torch.int64 and tuple(trace["last_position_id"].shape) == (1,)
@@ -129,6 +140,14 @@ def test_trace_of_an_hf_model_equals_the_oracle(hf_dir, tmp_path):
     check_layout(trace, ref, L, torch.float64)
     check_against_oracle(trace, ref, L, "oracle_float64")
     assert sum(len(n["removed"]) for n in ref["nodes"]) > 0 and len(ref["nodes"]) == 15
+    # --checkpoints: every node's state at its end, equal to the oracle's (compared by the kit)
+    out_cp = tmp_path / "checkpoints.safetensors"
+    assert (
+        run_main(trace_main, list(map(str, [*argv[:-2], "--out", out_cp, "--checkpoints", "--dtype", "float64"]))) == 0
+    )
+    check_layout(read_trace(out_cp), ref, L, torch.float64, checkpoints=True)
+    report = compare_traces(out_cp, ref, atol=TOL["oracle_float64"].atol, rtol=0)
+    assert report.ok and "15 nodes with checkpoints" in report.summary, str(report)
     # The default dtype: float32 tensors, the same decisions, values within float32 rounding.
     out32 = tmp_path / "trace32.safetensors"
     argv32 = ["--model", hf_dir, "--input", inp, "--bias", bias_file, "--out", out32]
@@ -184,6 +203,7 @@ CLI_ERRORS = {
     "bias with NaN": ({}, {}, nan_bias(), "NaN"),
     "id outside the vocabulary": (dict(context=[2, V, *range(4, 26)]), {}, None, "vocabulary"),
     "calibrated without a bias": ({}, {"reduction": "calibrated"}, None, "bias"),
+    "unknown dtype": ({}, {"reduction": "uncalibrated", "dtype": "bfloat16"}, None, "'dtype' must be one of"),
 }
 
 
@@ -228,3 +248,20 @@ def test_the_error_cases_are_valid_once_fixed(hf_dir, tmp_path):
         run_main(trace_main, ["--model", str(hf_dir), "--input", str(inp), "--bias", str(bias), "--out", str(out)]) == 0
     )
     assert out.exists()
+
+
+def test_the_input_dtype_and_an_empty_bias(hf_dir, tmp_path):
+    """The input's `dtype` chooses the compute dtype unless --dtype says otherwise (the metadata records the one
+    used); an empty --bias is no table (what the conformance kit's {bias} gives for uncalibrated cases)."""
+    c = GOOD
+    inp = write_input(tmp_path / "in.json", c["prefix"], c["context"], c["suffix"], c["M"], c["T"], c["W"],
+                      reduction="uncalibrated", dtype="float64")  # fmt: skip
+    out = tmp_path / "t.safetensors"
+    assert run_main(trace_main, ["--model", str(hf_dir), "--input", str(inp), "--bias", "", "--out", str(out)]) == 0
+    with safe_open(str(out), framework="pt") as f:
+        assert f.get_tensor("keys.0").dtype == torch.float64 and f.metadata()["dtype"] == "float64"
+        assert f.metadata()["bias"] == ""
+    argv = ["--model", str(hf_dir), "--input", str(inp), "--out", str(out), "--dtype", "float32"]
+    assert run_main(trace_main, argv) == 0
+    with safe_open(str(out), framework="pt") as f:
+        assert f.get_tensor("keys.0").dtype == torch.float32 and f.metadata()["dtype"] == "float32"

@@ -5,8 +5,12 @@ It prints a report whose first line after the header names the first divergence 
 
     first divergence: node (level 0, index 0), layer 2: kept slots differ at 2 of 14 input slots; first: ...
 
-Exit codes: 0 the traces match, 1 they diverge, 2 invalid input (arguments, a missing file, not a trace).
-`--json` prints the report as one JSON object instead (keys ok, first_divergence, divergences, ...).
+`python -m homer_ref.compare --validate mine.safetensors` checks one trace's tensor names, dtypes and shapes (and
+what follows from them: slot indices, removed counts, checkpoints, metadata) with no expected trace.
+
+Exit codes: 0 the traces match (the trace is valid), 1 they diverge (it is not), 2 invalid input (arguments, a
+missing file, a file that is not a trace). `--json` prints the report as one JSON object instead (keys ok,
+first_divergence, divergences, ... ; with --validate: ok, file, holds, problems).
 """
 
 import argparse
@@ -16,17 +20,24 @@ from pathlib import Path
 
 from homer_ref.cli.common import run_main
 from homer_ref.testing import DEFAULT_ATOL, DEFAULT_RTOL, compare_traces
+from homer_ref.testing.validate import validate_trace
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m homer_ref.compare",
         description="Compare a HOMER trace with an expected one (e.g. a homer_ref fixture) and name the first "
-        "divergence in execution order: tree nodes first (layers, target, input positions, kept slots, scores), "
-        "then the final cache (positions, keys and values per layer, logits). Exit 0 match, 1 diverge, 2 error.",
+        "divergence in execution order: tree nodes first (layers, target, input, the K/V of the layers each ran, "
+        "kept slots, scores, output), then the final cache (positions, keys and values per layer, logits); or, "
+        "with --validate, check one trace against the format. Exit 0 match, 1 diverge, 2 error.",
     )
-    p.add_argument("expected", type=Path, help="the answer key, e.g. fixtures/cases/four_leaves/trace.safetensors")
-    p.add_argument("actual", type=Path, help="the trace of the implementation under test")
+    p.add_argument(
+        "expected", type=Path, nargs="?", help="the answer key, e.g. fixtures/cases/four_leaves/trace.safetensors"
+    )
+    p.add_argument("actual", type=Path, nargs="?", help="the trace of the implementation under test")
+    p.add_argument(
+        "--validate", type=Path, metavar="FILE", help="check FILE's names, dtypes and shapes; no expected trace"
+    )
     p.add_argument("--atol", type=float, default=DEFAULT_ATOL, help=f"absolute float tolerance ({DEFAULT_ATOL:g})")
     p.add_argument("--rtol", type=float, default=DEFAULT_RTOL, help=f"relative float tolerance ({DEFAULT_RTOL:g})")
     p.add_argument("--final-only", action="store_true", help="compare the final cache only, not the tree nodes")
@@ -35,9 +46,29 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def validate(path: Path, as_json: bool) -> int:
+    """--validate: every problem of one trace; exit 0 when there is none."""
+    problems, holds = validate_trace(path)
+    if as_json:
+        print(json.dumps({"ok": not problems, "file": str(path), "holds": holds,
+                          "problems": [p.message for p in problems]}, indent=2))  # fmt: skip
+    elif not problems:
+        print(f"{path}: a valid HOMER trace ({holds})")
+    else:
+        print(f"{path}: {len(problems)} problem(s) with the trace format (docs/TRACE_FORMAT.md); it holds {holds}")
+        print("\n".join(f"  {i + 1}. {p.message}" for i, p in enumerate(problems)))
+    return 0 if not problems else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.validate is not None:
+        if args.expected is not None:
+            parser.error("--validate FILE checks one trace: give no EXPECTED/ACTUAL with it")
+        return validate(args.validate, args.json)
+    if args.actual is None:
+        parser.error("give EXPECTED and ACTUAL traces (or --validate FILE)")
     for name in ("atol", "rtol"):
         if not getattr(args, name) >= 0:
             parser.error(f"--{name} must be >= 0, got {getattr(args, name)}")

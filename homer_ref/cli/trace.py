@@ -13,7 +13,7 @@ from homer_ref.cli.common import DTYPES, check_out, open_model, progress, run_ma
 from homer_ref.decoding import check_ids
 from homer_ref.homer import homer_prefill
 from homer_ref.homer.calibration import load_bias
-from homer_ref.testing.trace import parse_input, trace_metadata, trace_tensors
+from homer_ref.testing.trace import INPUT_DTYPES, input_with_defaults, parse_input, trace_metadata, trace_tensors
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -24,10 +24,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--model", required=True, help="HF model directory, .gguf or llama2.c .bin checkpoint")
     p.add_argument("--input", required=True, type=Path, help="input JSON (ids and HOMER settings)")
-    p.add_argument("--bias", type=Path, help="calibration table: safetensors file with a [L, R] tensor 'bias'")
+    p.add_argument(
+        "--bias",
+        default="",
+        help="calibration table: safetensors file with a [L, R] tensor 'bias' (an empty value means none, as the "
+        "conformance kit's {bias} gives for cases without a table)",
+    )
     p.add_argument("--out", required=True, type=Path, help="output .safetensors file")
-    p.add_argument("--dtype", choices=["float32", "float64"], default="float32", help="compute dtype (float32)")
+    p.add_argument("--dtype", choices=INPUT_DTYPES, help="compute dtype (default: the input's 'dtype', else float32)")
     p.add_argument("--traversal", choices=["depth_first", "level_order"], default="depth_first")
+    p.add_argument(
+        "--checkpoints",
+        action="store_true",
+        help="also write every node's output hidden states and the K/V of the layers it ran (larger files; "
+        "lets compare name the node and layer where a forward pass first differs)",
+    )
     return p
 
 
@@ -42,16 +53,27 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--input {args.input}: not valid UTF-8 JSON ({e})")
     check_out(parser, args.out)
     prefix, context, suffix, config = parse_input(data)
-    bias = load_bias(args.bias) if args.bias is not None else None
-    dtype = DTYPES[args.dtype]
+    bias = load_bias(args.bias) if args.bias else None
+    dtype_name = args.dtype or input_with_defaults(data)["dtype"]
+    dtype = DTYPES[dtype_name]
 
     def check(cfg) -> None:  # before the weights are read
         for name, ids in (("prefix_ids", prefix), ("context_ids", context), ("suffix_ids", suffix)):
             check_ids(ids, cfg.vocab_size, f"'{name}'")
 
     model = open_model(args.model, None, dtype, check)
-    result = homer_prefill(model, prefix, context, suffix, config, bias=bias, traversal=args.traversal, all_logits=True)
-    metadata = trace_metadata(result, data, str(args.model), str(args.bias) if args.bias else "", args.dtype)
+    result = homer_prefill(
+        model,
+        prefix,
+        context,
+        suffix,
+        config,
+        bias=bias,
+        traversal=args.traversal,
+        all_logits=True,
+        checkpoints=args.checkpoints,
+    )
+    metadata = trace_metadata(result, data, str(args.model), args.bias, dtype_name)
     save_atomic(trace_tensors(result, dtype), args.out, metadata)
     progress(
         f"wrote {args.out}: {len(result.positions)} slots x {len(result.keys)} layers, {len(result.nodes)} nodes, "

@@ -46,6 +46,11 @@ class NodeTrace:
     scores: torch.Tensor | None  # [n] float32 significance at its last layer (+inf on affixes); None if no pruning
     kept: torch.Tensor  # [K] ascending indices into its input slots
     removed: torch.Tensor  # [n-K] ascending indices into its input slots
+    # Checkpoints, recorded only when asked (`homer_prefill(..., checkpoints=True)`): the node's state at its end,
+    # so that another implementation's forward pass can be checked node by node (docs/TRACE_FORMAT.md).
+    hidden: torch.Tensor | None = None  # [K, D] the hidden states it hands up (after its last layer's MLP)
+    keys: list[torch.Tensor] | None = None  # per layer it ran, layers[0] .. layers[1]-1: [Hkv, K, Dh] after RoPE
+    values: list[torch.Tensor] | None = None  # per layer it ran: [Hkv, K, Dh]
 
 
 @dataclass
@@ -137,8 +142,13 @@ def homer_prefill(
     bias: torch.Tensor | None = None,  # [L, R] with R >= M, for reduction="calibrated"
     traversal: str = "depth_first",
     all_logits: bool = False,  # the logits of every kept slot (traces, tutorials), or only the last (generation)
+    checkpoints: bool = False,  # keep every node's outputs in its NodeTrace (the trace command's --checkpoints)
 ) -> HomerCache:
-    """Compress prefix + context + suffix into a compact cache with HOMER."""
+    """Compress prefix + context + suffix into a compact cache with HOMER.
+
+    `checkpoints=True` also keeps every node's output hidden states and the K/V of the layers it ran in its
+    `NodeTrace` (for the trace command's `--checkpoints`; memory grows with the whole tree, not logarithmically).
+    """
     (prefix_ids, context_ids, suffix_ids), p, bias = check_inputs(
         model, (prefix_ids, context_ids, suffix_ids), config, bias, traversal, all_logits
     )
@@ -170,7 +180,8 @@ def homer_prefill(
                 chunk = keep_slots(chunk, kept)  # propagative refinement (F)
             chunk.h = model.feed_forward(layer, chunk.h[None])[0]
         record = (node.level, node.index, node.layers, node.target, inputs.positions, inputs.sources)
-        traces.append(NodeTrace(*record, scores, kept, removed))
+        ends = (chunk.h, chunk.keys[first:last], chunk.values[first:last]) if checkpoints else (None, None, None)
+        traces.append(NodeTrace(*record, scores, kept, removed, *ends))
         return chunk
 
     def run_leaf(i: int) -> Chunk:

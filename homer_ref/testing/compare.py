@@ -2,20 +2,25 @@
 
 A *trace* is what `python -m homer_ref.trace` writes (format: docs/TRACE_FORMAT.md): the final compact cache
 (positions, keys, values, logits, last_position_id) and, for every tree node, the layers it ran, its target, its
-input positions, its significance scores and the slots it kept. Another implementation (CUDA kernels, a JAX or
-MLX port, a serving engine) writes the same tensors for the same input, and
+input positions, its significance scores and the slots it kept — optionally also its *checkpoints* (its output
+hidden states and the K/V of the layers it ran, at its end). Another implementation writes the same tensors for
+the same input, and
 
     report = compare_traces("fixtures/cases/four_leaves/trace.safetensors", "mine.safetensors")
     print(report.first_divergence)   # e.g. "node (level 0, index 0), layer 1: kept slots differ at 2 of 15 ..."
 
-walks both in execution order — every node in the expected trace's `node_order`, then the final cache — and
-reports every difference, the first one being the place to start debugging: once one node keeps other slots,
-everything after it differs too. Integers (layers, targets, positions, kept/removed slots) must be equal;
-floats must satisfy |actual - expected| <= atol + rtol * |expected|, with +inf (the affixes' scores) equal.
+walks both in execution order — every node in the expected trace's `node_order` (its input, then the layers it
+ran, then its decision, then its output), then the final cache — and reports every difference, the first one
+being the place to start debugging: once one node differs, everything after it differs too. Integers (layers,
+targets, positions, sources, kept/removed slots) must be equal; floats must satisfy
+|actual - expected| <= atol + rtol * |expected|, with +inf (the affixes' scores) equal. Slots are named by their
+part of the prompt, e.g. "slot 11 (context token 9, position 11)", and final-cache divergences by the node that
+computed the layer.
 
 `assert_traces_match` is the pytest form; `python -m homer_ref.compare` the command-line form (any language);
 `load_trace` reads a trace file (or a dict of tensors, a `HomerCache`, or the NumPy oracle's result);
-`decision_margin` says how close a trace's pruning decisions were to a tie.
+`decision_margin` says how close a trace's pruning decisions were to a tie. The message forms are listed in
+docs/TRACE_FORMAT.md ("Comparing two traces"); tests/test_compare.py checks that every one is documented.
 """
 
 import json
@@ -25,10 +30,17 @@ from pathlib import Path
 
 import numpy as np
 
+from homer_ref.testing.trace import PLAN_KEYS, input_with_defaults
+from homer_ref.testing.validate import read_trace_file, shape_text, to_numpy, trace_problems
+
 DEFAULT_ATOL = 1e-4  # float32 against float32 or float64, through a few layers of O(1) activations
 DEFAULT_RTOL = 1e-4
-SUPPORTED_VERSIONS = ("1",)
-_FINAL_KEYS = ("positions", "last_position_id", "logits")
+# Scores are float32 in every trace, float64 ones included: float32(head-max logit) - float32(bias). Two correct
+# float64 implementations may round a logit to neighbouring float32 values (one ulp: 1e-6 at |logit| = 8), so
+# scores are compared with at least these tolerances, whatever the trace's; decisions never hinge on so little
+# (every fixture decision wins by >= 1e-3 or is an exact tie).
+SCORE_ATOL_FLOOR = 1e-5
+SCORE_RTOL_FLOOR = 1e-6
 
 
 # ----------------------------------------------------------------------------------------------- reading
@@ -48,38 +60,29 @@ class Trace:
 
     @property
     def nodes(self) -> list[tuple[int, int]]:
-        """(level, index) of every node, in execution order (empty when the trace has no node records)."""
+        """(level, index) of every node, in execution order (empty when the trace has no node_order)."""
         order = self.tensors.get("node_order")
         return [] if order is None else [(int(a), int(b)) for a, b in order.reshape(-1, 2)]
+
+    @property
+    def recorded_nodes(self) -> list[tuple[int, int]]:
+        """(level, index) of every node that has tensors, whether or not node_order lists it."""
+        named = {tuple(int(x) for x in k.split(".")[1:3]) for k in self.tensors if k.startswith("node.")}
+        return self.nodes + sorted(named - set(self.nodes))
 
     def node(self, level: int, index: int, what: str) -> np.ndarray | None:
         return self.tensors.get(f"node.{level}.{index}.{what}")
 
+    def has_checkpoints(self, level: int, index: int) -> bool:
+        return self.node(level, index, "hidden") is not None
 
-def _to_numpy(x) -> np.ndarray:
-    """A tensor or array as int64 (integers, bools) or float64 (floats), on the CPU."""
-    if hasattr(x, "detach"):  # a torch tensor (bfloat16 has no NumPy dtype, so widen before converting)
-        x = x.detach().cpu()
-        x = (x.double() if x.is_floating_point() else x.long()).numpy()
-    x = np.asarray(x)
-    return x.astype(np.float64) if np.issubdtype(x.dtype, np.floating) else x.astype(np.int64)
-
-
-def _read_file(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    from safetensors import safe_open  # torch framework: reads bfloat16/float16 too
-
-    if not path.is_file():
-        raise ValueError(f"{path}: {'is a directory, not a trace file' if path.is_dir() else 'no such file'}")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return {k: _to_numpy(f.get_tensor(k)) for k in f.keys()}, dict(f.metadata() or {})
-    except ValueError:
-        raise
-    except Exception as e:  # safetensors raises several types for unreadable files
-        raise ValueError(
-            f"{path}: not a readable safetensors file ({e}); pass a trace as python -m homer_ref.trace writes it "
-            "(docs/TRACE_FORMAT.md)"
-        ) from e
+    def affixes(self) -> tuple[int, int, int] | None:
+        """(P, C, S) from the input metadata, None when the trace has none."""
+        try:
+            data = json.loads(self.metadata["input"])
+            return len(data["prefix_ids"]), len(data["context_ids"]), len(data["suffix_ids"])
+        except (KeyError, TypeError, ValueError):
+            return None
 
 
 def _from_result(result) -> dict[str, np.ndarray]:
@@ -87,105 +90,66 @@ def _from_result(result) -> dict[str, np.ndarray]:
     if not isinstance(result, dict):  # a HomerCache: the trace CLI's own conversion
         from homer_ref.testing.trace import trace_tensors
 
-        return {k: _to_numpy(v) for k, v in trace_tensors(result, result.logits.dtype).items()}
+        return {k: to_numpy(v) for k, v in trace_tensors(result, result.logits.dtype).items()}
     out = {
-        "positions": _to_numpy(result["positions"]),
-        "logits": _to_numpy(result["logits"]),
+        "positions": to_numpy(result["positions"]),
+        "logits": to_numpy(result["logits"]),
         "last_position_id": np.array([int(result["last_position"])], dtype=np.int64),
         "node_order": np.array([[n["level"], n["index"]] for n in result["nodes"]], dtype=np.int64).reshape(-1, 2),
     }
     for layer, (k, v) in enumerate(zip(result["keys"], result["values"])):
-        out[f"keys.{layer}"], out[f"values.{layer}"] = _to_numpy(k), _to_numpy(v)
+        out[f"keys.{layer}"], out[f"values.{layer}"] = to_numpy(k), to_numpy(v)
     for n in result["nodes"]:
         name = f"node.{n['level']}.{n['index']}"
         out[f"{name}.layers"] = np.array(n["layers"], dtype=np.int64)
         out[f"{name}.target"] = np.array([n["target"]], dtype=np.int64)
         for what in ("input_positions", "kept", "removed"):
-            out[f"{name}.{what}"] = _to_numpy(n[what])
+            out[f"{name}.{what}"] = to_numpy(n[what])
         if n.get("scores") is not None:
-            out[f"{name}.scores"] = _to_numpy(n["scores"]).astype(np.float32).astype(np.float64)
+            out[f"{name}.scores"] = to_numpy(n["scores"]).astype(np.float32).astype(np.float64)
+        if n.get("hidden") is not None:  # checkpoints: {layer: [Hkv, kept, Dh]} per layer run
+            out[f"{name}.hidden"] = to_numpy(n["hidden"])
+            for kind in ("keys", "values"):
+                out.update({f"{name}.{kind}.{layer}": to_numpy(t) for layer, t in n[kind].items()})
     return out
 
 
 def load_trace(source, name: str = "trace") -> Trace:
     """A `Trace` from a .safetensors path, a `Trace`, a dict of tensors/arrays (trace names), a dict in the NumPy
-    oracle's result layout (positions, keys, values, logits, last_position, nodes), or a `HomerCache`.
+    oracle's result layout (positions, keys, values, logits, last_position, nodes; a node's optional checkpoints
+    are `hidden` and `keys`/`values`: {layer: array}), or a `HomerCache`.
 
-    Raises ValueError, naming the problem, for a missing or unreadable file or one that is not a trace.
+    Raises ValueError, naming the problem, for a missing or unreadable file, one that is not a trace, or one the
+    comparison could not rely on (`validate.trace_problems`, its fatal problems).
     """
     if isinstance(source, Trace):
         return source
     metadata: dict[str, str] = {}
+    dtypes = None
     if isinstance(source, (str, Path)):
-        tensors, metadata = _read_file(Path(source))
+        tensors, metadata, dtypes = read_trace_file(Path(source))
         name = str(source)  # a file is named by its path
     elif isinstance(source, dict) and "nodes" in source and "keys" in source:
         tensors = _from_result(source)
     elif isinstance(source, dict):
-        tensors = {k: _to_numpy(v) for k, v in source.items()}
+        tensors = {k: to_numpy(v) for k, v in source.items()}
     elif hasattr(source, "keys") and hasattr(source, "nodes"):
         tensors = _from_result(source)
     else:
         raise ValueError(f"cannot read a trace from {type(source).__name__}; pass a .safetensors path or a dict")
-    missing = [k for k in (*_FINAL_KEYS, "keys.0", "values.0") if k not in tensors]
-    if missing:
-        found = ", ".join(sorted(tensors)[:6]) or "nothing"
-        raise ValueError(f"{name}: not a HOMER trace: no {', '.join(missing)} tensor (found {found})")
-    _check_layout(tensors, name)
-    version = metadata.get("format_version", SUPPORTED_VERSIONS[-1])
-    if version not in SUPPORTED_VERSIONS:
-        raise ValueError(
-            f"{name}: trace format_version {version!r}; this homer_ref reads {', '.join(SUPPORTED_VERSIONS)}"
-        )
+    fatal = [p for p in trace_problems(tensors, metadata, dtypes) if p.fatal]
+    if fatal:
+        raise ValueError(f"{name}: not a valid HOMER trace (docs/TRACE_FORMAT.md): {fatal[0].message}")
     return Trace(tensors, metadata, name)
 
 
-# The shape every comparison relies on, per tensor name: a number is a fixed size, "n" any size; integer or float.
-_LAYOUT = {"positions": (("n",), int), "last_position_id": ((1,), int), "logits": (("n", "n"), float),
-           "keys": (("n", "n", "n"), float), "values": (("n", "n", "n"), float), "node_order": (("n", 2), int),
-           "layers": ((2,), int), "target": ((1,), int), "input_positions": (("n",), int), "kept": (("n",), int),
-           "removed": (("n",), int), "scores": (("n",), float)}  # fmt: skip
-_NODE_FIELDS = ("layers", "target", "input_positions", "kept", "removed")
+def decision_gaps(trace) -> dict[tuple[int, int], float]:
+    """For every node that removed slots, (level, index) -> its lowest kept score minus its highest removed score.
 
-
-def _check_layout(tensors: dict[str, np.ndarray], name: str) -> None:
-    """A ValueError naming the first tensor that is not as docs/TRACE_FORMAT.md says: its rank, a fixed size, integer
-    values, a layer or node field missing, slot indices or scores not matching the node's input slots."""
-    invalid = f"{name}: not a valid HOMER trace (docs/TRACE_FORMAT.md):"
-    for key, a in tensors.items():
-        kind = key.split(".")[-1] if key.startswith("node.") else key.split(".")[0]
-        if kind not in _LAYOUT:
-            continue
-        shape, dtype = _LAYOUT[kind]
-        if a.ndim != len(shape) or any(want != "n" and got != want for got, want in zip(a.shape, shape)):
-            raise ValueError(f"{invalid} '{key}' has shape {_shape(a)}, expected [{', '.join(map(str, shape))}]")
-        if dtype is int and not np.issubdtype(a.dtype, np.integer):
-            raise ValueError(f"{invalid} '{key}' holds {a.dtype} values, expected integers")
-    layers = sum(k.startswith("keys.") for k in tensors)
-    needed = [f"{kind}.{layer}" for layer in range(layers) for kind in ("keys", "values")]
-    for level, index in tensors.get("node_order", []):
-        needed += [f"node.{level}.{index}.{what}" for what in _NODE_FIELDS]
-    missing = [k for k in needed if k not in tensors]
-    if missing:
-        raise ValueError(f"{invalid} no '{missing[0]}' tensor ({len(missing)} missing in all)")
-    for key, a in tensors.items():  # a node's slot indices and scores refer to its input slots
-        inputs = tensors.get(key.rsplit(".", 1)[0] + ".input_positions") if key.startswith("node.") else None
-        if inputs is None or not key.endswith((".kept", ".removed", ".scores")):
-            continue
-        if key.endswith(".scores") and a.size != inputs.size:
-            raise ValueError(f"{invalid} '{key}' has {a.size} scores for {inputs.size} input slots")
-        if not key.endswith(".scores") and a.size and not (a.min() >= 0 and a.max() < inputs.size):
-            raise ValueError(f"{invalid} '{key}' holds slot indices outside [0, {inputs.size})")
-
-
-def decision_margin(trace) -> float:
-    """The smallest gap, over every node that pruned, between its lowest kept and its highest removed score.
-
-    Affix scores (+inf) are left out. A margin far above float32 rounding (~1e-6) means another correct
-    implementation makes the same decisions; +inf when the trace has no pruning node.
+    Affix scores (+inf) are left out. 0 is an exact tie at the cut, decided by the (score, index) rule.
     """
     trace = load_trace(trace)
-    margin = math.inf
+    gaps = {}
     for level, index in trace.nodes:
         scores = trace.node(level, index, "scores")
         removed = trace.node(level, index, "removed")
@@ -194,8 +158,14 @@ def decision_margin(trace) -> float:
         kept = np.setdiff1d(np.arange(scores.size), removed)
         kept_scores = scores[kept][np.isfinite(scores[kept])]
         if kept_scores.size:
-            margin = min(margin, float(kept_scores.min() - scores[removed].max()))
-    return margin
+            gaps[(level, index)] = float(kept_scores.min() - scores[removed].max())
+    return gaps
+
+
+def decision_margin(trace) -> float:
+    """The smallest of `decision_gaps`: far above float32 rounding (~1e-6), another correct implementation makes
+    the same decisions; 0 means an exact tie decided by the (score, index) rule; +inf when no node pruned."""
+    return min(decision_gaps(trace).values(), default=math.inf)
 
 
 # ----------------------------------------------------------------------------------------------- report
@@ -203,7 +173,7 @@ def decision_margin(trace) -> float:
 
 @dataclass(frozen=True)
 class Divergence:
-    where: str  # "node (level 1, index 0), layer 5", "final cache, layer 3", "logits", "metadata", ...
+    where: str  # "node (level 1, index 0), layer 5", "final cache, layer 3", "logits", "metadata 'input'", ...
     what: str  # one sentence: what differs, the first differing element, expected vs got
 
     def __str__(self) -> str:
@@ -267,8 +237,16 @@ def _fmt(x: float) -> str:
     return f"{x:.4f}" if math.isfinite(x) and abs(x) < 1e4 else f"{x:.4g}"
 
 
-def _shape(a: np.ndarray) -> str:
-    return "[" + ", ".join(str(d) for d in a.shape) + "]"
+def _span(layers: np.ndarray) -> str:
+    first, last = int(layers[0]), int(layers[1])
+    return f"{first}-{last - 1}" if last > first else f"none ([{first}, {last}))"
+
+
+def _short(value) -> str:
+    if value is None:
+        return "absent"
+    text = json.dumps(value.tolist() if isinstance(value, np.ndarray) else value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _bad_floats(expected: np.ndarray, actual: np.ndarray, atol: float, rtol: float) -> np.ndarray:
@@ -287,12 +265,50 @@ def _abs_diff(expected: np.ndarray, actual: np.ndarray) -> np.ndarray:
     return np.where(np.isnan(diff), np.inf, diff)
 
 
+class _Slots:
+    """Names the slots of one list (a node's input, or the final cache) by their part of the prompt:
+    "slot 11 (context token 9, position 11)". From the expected trace: its positions, its sources when it has
+    them (else the part only, from the slot's place: the first P slots are the prefix, the last S the suffix)."""
+
+    def __init__(self, positions: np.ndarray, sources: np.ndarray | None, affixes: tuple[int, int, int] | None):
+        self.positions, self.sources, self.affixes = positions, sources, affixes
+
+    def part(self, slot: int) -> str | None:
+        """'context token 9' (or 'context' when the sources are unknown); None without the input metadata."""
+        if self.affixes is None:
+            return None
+        P, C, S = self.affixes
+        if self.sources is not None:
+            s = int(self.sources[slot])
+            return (
+                f"prefix token {s}" if s < P else f"context token {s - P}" if s < P + C else f"suffix token {s - P - C}"
+            )
+        n = self.positions.size
+        return f"prefix token {slot}" if slot < P else f"suffix token {slot - n + S}" if slot >= n - S else "context"
+
+    def name(self, slot: int, position: bool = True) -> str:
+        """'slot 11 (context token 9, position 11)'; without the position when `position` is False."""
+        details = [self.part(slot)] + ([f"position {int(self.positions[slot])}"] if position else [])
+        details = [d for d in details if d]
+        return f"slot {slot} ({', '.join(details)})" if details else f"slot {slot}"
+
+    def counts(self) -> str:
+        """'2 prefix + 12 context + 2 suffix' (empty without the input metadata)."""
+        if self.affixes is None:
+            return ""
+        P, C, S = self.affixes
+        if self.sources is not None:
+            P, S = int((self.sources < P).sum()), int((self.sources >= P + C).sum())
+        return f"{P} prefix + {self.positions.size - P - S} context + {S} suffix"
+
+
 class _Comparer:
     """Walks two traces in execution order, collecting a `Divergence` for every difference."""
 
     def __init__(self, expected: Trace, actual: Trace, atol: float, rtol: float):
         self.e, self.a, self.atol, self.rtol = expected, actual, atol, rtol
         self.out: list[Divergence] = []
+        self.checkpoints = 0  # nodes whose checkpoints were compared
 
     def add(self, where: str, what: str) -> None:
         self.out.append(Divergence(where, what))
@@ -302,29 +318,45 @@ class _Comparer:
         for key in ("input", "plan"):
             if key not in self.e.metadata or key not in self.a.metadata:
                 continue
-            try:
-                e, a = json.loads(self.e.metadata[key]), json.loads(self.a.metadata[key])
-            except json.JSONDecodeError:
-                e, a = self.e.metadata[key], self.a.metadata[key]
-            if e == a:
+            values = []
+            for trace in (self.e, self.a):
+                try:
+                    values.append(json.loads(trace.metadata[key]))
+                except ValueError:
+                    values.append(None)
+            e, a = values
+            if not isinstance(e, dict) or not isinstance(a, dict):
+                which = "expected" if not isinstance(e, dict) else "actual"
+                self.add(f"metadata '{key}'", f"the {which} trace's value is not a JSON object")
                 continue
-            if isinstance(e, dict) and isinstance(a, dict):
-                diff = [k for k in sorted(e.keys() | a.keys()) if e.get(k) != a.get(k)]
-                first = diff[0]
-                detail = f"{first} expected {_short(e.get(first))}, got {_short(a.get(first))}"
+            if key == "input":  # the documented defaults stand for absent optional keys
+                e, a = input_with_defaults(e), input_with_defaults(a)
+            else:  # the documented keys only: a plan may carry more (the manifest's adds final_len and nodes)
+                e, a = {k: e.get(k) for k in PLAN_KEYS}, {k: a.get(k) for k in PLAN_KEYS}
+            diff = [k for k in sorted(e.keys() | a.keys()) if e.get(k) != a.get(k)]
+            if diff:
+                detail = f"{diff[0]} expected {_short(e.get(diff[0]))}, got {_short(a.get(diff[0]))}"
                 self.add(f"metadata '{key}'", f"the traces come from different {key}s: {detail}")
-            else:
-                self.add(f"metadata '{key}'", "differs")
 
     # --- nodes, in the expected trace's execution order
     def nodes(self) -> None:
-        expected_nodes, actual_nodes = self.e.nodes, self.a.nodes
+        expected_nodes = self.e.nodes
         if not expected_nodes:
             return
+        actual_nodes = self.a.recorded_nodes
         if not actual_nodes:
-            self.add("nodes", "the actual trace has no node records (node_order); compare the final cache only "
-                     "with nodes=False (--final-only)")  # fmt: skip
+            self.add(
+                "nodes",
+                "the actual trace has no node records (no node_order, no node.* tensors); write them, "
+                "or compare the final cache only (--final-only, nodes=False)",
+            )
             return
+        if not self.a.nodes:
+            self.add(
+                "nodes",
+                "the actual trace has node records but no node_order tensor ([nodes, 2]: the (level, "
+                "index) of every node in execution order); its records are compared all the same",
+            )
         for level, index in expected_nodes:
             self.node(level, index, set(actual_nodes))
         for level, index in actual_nodes:
@@ -332,6 +364,7 @@ class _Comparer:
                 self.add(f"node (level {level}, index {index})", "in the actual trace but not in the expected one")
 
     def node(self, level: int, index: int, actual_nodes: set) -> None:
+        """One node: its input, the K/V of the layers it ran, its decision, its output (stops at the first)."""
         e = lambda what: self.e.node(level, index, what)
         a = lambda what: self.a.node(level, index, what)
         where = f"node (level {level}, index {index})"
@@ -346,78 +379,146 @@ class _Comparer:
         if not np.array_equal(layers, a("layers")):
             self.add(where, f"ran layers {_span(a('layers'))}, expected {_span(layers)}")
             return
-        where_layer = f"{where}, layer {int(layers[1]) - 1}"  # the reduction layer
+        first, last = int(layers[0]), int(layers[1])
         if int(e("target")[0]) != int(a("target")[0]):
             self.add(where, f"target expected {int(e('target')[0])}, got {int(a('target')[0])}")
             return
+        slots = _Slots(e("input_positions"), e("input_sources"), self.e.affixes())
+        if not self.inputs(where, slots, e, a):
+            return
+        both = self.e.has_checkpoints(level, index) and self.a.has_checkpoints(level, index)
+        self.checkpoints += both
+        if both:  # the layers the node ran, in order: the K/V each computed (before the decision)
+            for layer in range(first, last):
+                for kind in ("keys", "values"):
+                    if not self.checkpoint(f"{where}, layer {layer}", level, index, f"{kind}.{layer}", kind, slots):
+                        return
+        where_layer = f"{where}, layer {last - 1}"  # the reduction layer
+        if not self.decision(where_layer, slots, e, a):
+            return
+        if both:  # its output: after the MLP of its last layer
+            self.checkpoint(where_layer, level, index, "hidden", "output hidden states", slots)
+
+    def inputs(self, where: str, slots: _Slots, e, a) -> bool:
+        """The node's input slots: count, positions, sources (when both traces have them). True when equal."""
         pos_e, pos_a = e("input_positions"), a("input_positions")
         if pos_e.shape != pos_a.shape:
-            self.add(where, f"input has {pos_a.size} slots, expected {pos_e.size}")
-            return
+            src_a = a("input_sources")  # the actual's parts, when it names them
+            ours = (
+                _Slots(pos_a, src_a, self.e.affixes()).counts()
+                if src_a is not None and src_a.size == pos_a.size
+                else ""
+            )
+            got = f" ({ours})" if ours else ""
+            want = f" ({slots.counts()})" if slots.counts() else ""
+            self.add(where, f"input has {pos_a.size} slots{got}, expected {pos_e.size}{want}")
+            return False
         if not np.array_equal(pos_e, pos_a):
             bad = np.flatnonzero(pos_e != pos_a)
             i = int(bad[0])
             self.add(
                 where,
-                f"input positions differ at {bad.size} of {pos_e.size} slots; first: slot {i}, "
+                f"input positions differ at {bad.size} of {pos_e.size} slots; first: {slots.name(i, position=False)}, "
                 f"expected position {int(pos_e[i])}, got {int(pos_a[i])}",
             )
-            return
-        scores_e, scores_a = e("scores"), a("scores")
-        if not self.kept(where_layer, pos_e, e("kept"), a("kept"), scores_e, scores_a):
-            return
-        if not np.array_equal(e("removed"), a("removed")):
-            self.add(where_layer, f"removed slots {_short(a('removed'))}, expected {_short(e('removed'))}")
-            return
-        self.scores(where_layer, pos_e, scores_e, scores_a)
+            return False
+        src_e, src_a = e("input_sources"), a("input_sources")
+        if src_e is not None and src_a is not None and not np.array_equal(src_e, src_a):
+            bad = np.flatnonzero(src_e != src_a)
+            i = int(bad[0])
+            theirs = _Slots(pos_a, src_a, self.e.affixes()).part(i) or f"source {int(src_a[i])}"
+            self.add(
+                where,
+                f"input sources differ at {bad.size} of {src_e.size} slots; first: {slots.name(i)}, got {theirs}",
+            )
+            return False
+        return True
 
-    def kept(self, where, positions, kept_e, kept_a, scores_e, scores_a) -> bool:
-        """Compare the kept slots; True when they agree."""
-        n = positions.size
+    def checkpoint(self, where: str, level: int, index: int, name: str, what: str, slots: _Slots) -> bool:
+        """A node's checkpoint tensor (hidden [kept, D], keys/values [Hkv, kept, Dh]) on the slots both traces
+        keep, compared through their input slot indices. True when it matches."""
+        exp, act = self.e.node(level, index, name), self.a.node(level, index, name)
+        kept_e, kept_a = self.e.node(level, index, "kept"), self.a.node(level, index, "kept")
+        axis = 0 if name == "hidden" else 1  # the slot axis (validation checked the ranks)
+        if exp is None or exp.shape[axis] != kept_e.size:  # a malformed answer key: nothing to compare against
+            return True
+        if act is None:
+            self.add(where, f"the actual trace lacks node.{level}.{index}.{name} (it has other checkpoints)")
+            return False
+        if act.shape[axis] != kept_a.size:
+            n = act.shape[axis]
+            self.add(
+                where,
+                f"{what} hold {n} slots at the node's end, but the node keeps {kept_a.size}: a pruning "
+                "decision applies to every layer the node holds (propagative refinement, HOMER_SPEC.md F)",
+            )
+            return False
+        common = np.intersect1d(kept_e, kept_a)
+        exp = np.take(exp, np.searchsorted(kept_e, common), axis=axis)
+        act = np.take(act, np.searchsorted(kept_a, common), axis=axis)
+        note = "" if np.array_equal(kept_e, kept_a) else f" (on the {common.size} slots both traces keep)"
+        return self.tensor(where, what, exp, act, lambda s: slots.name(int(common[s])), note)
+
+    def decision(self, where: str, slots: _Slots, e, a) -> bool:
+        """Kept slots, removed slots, scores at the reduction layer. True when they agree."""
+        kept_e, kept_a, scores_e, scores_a = e("kept"), a("kept"), e("scores"), a("scores")
+        n = slots.positions.size
         if kept_e.size != kept_a.size:
             self.add(where, f"kept {kept_a.size} of {n} slots, expected {kept_e.size}")
             return False
-        if np.array_equal(kept_e, kept_a):
+        if not np.array_equal(kept_e, kept_a):
+            only_e = np.setdiff1d(kept_e, kept_a)  # kept by the expected implementation only
+            only_a = np.setdiff1d(kept_a, kept_e)
+            if not only_e.size or not only_a.size:  # the same slots, but out of order or repeated
+                self.add(where, f"kept slots {_short(kept_a)}, expected {_short(kept_e)} (ascending, each once)")
+                return False
+            i, j = int(only_e[0]), int(only_a[0])
+
+            def score(scores, slot):
+                return "-" if scores is None or slot >= scores.size else _fmt(float(scores[slot]))
+
+            self.add(
+                where,
+                f"kept slots differ at {only_e.size + only_a.size} of {n} input slots; first: expected "
+                f"{slots.name(i)}, got {slots.name(j)}; scores expected/actual: slot {i} "
+                f"{score(scores_e, i)}/{score(scores_a, i)}, slot {j} {score(scores_e, j)}/{score(scores_a, j)}",
+            )
+            return False
+        if not np.array_equal(e("removed"), a("removed")):
+            self.add(where, f"removed slots {_short(a('removed'))}, expected {_short(e('removed'))}")
+            return False
+        if scores_e is None and scores_a is not None:
+            target = int(e("target")[0])
+            self.add(
+                where,
+                f"the actual trace has scores, but the node removes nothing ({n} input slots, target "
+                f"{target}); write scores only for nodes that remove slots",
+            )
+            return False
+        if scores_e is not None and scores_a is None:
+            self.add(
+                where,
+                f"the expected trace has scores (the node removes {e('removed').size} slots) but the actual has none",
+            )
+            return False
+        if scores_e is None:
             return True
-        only_e = np.setdiff1d(kept_e, kept_a)  # kept by the expected implementation only
-        only_a = np.setdiff1d(kept_a, kept_e)
-        i, j = int(only_e[0]), int(only_a[0])  # same counts: kept sizes are equal
-
-        def score(scores, slot):
-            return "-" if scores is None or slot >= scores.size else _fmt(float(scores[slot]))
-
-        self.add(
-            where,
-            f"kept slots differ at {only_e.size + only_a.size} of {n} input slots; first: expected slot {i} "
-            f"(position {int(positions[i])}), got slot {j} (position {int(positions[j])}); "
-            f"scores expected/actual: slot {i} {score(scores_e, i)}/{score(scores_a, i)}, "
-            f"slot {j} {score(scores_e, j)}/{score(scores_a, j)}",
-        )
-        return False
-
-    def scores(self, where, positions, scores_e, scores_a) -> None:
-        if scores_e is None and scores_a is None:
-            return
-        if scores_e is None or scores_a is None:
-            has, lacks = ("the actual", "the expected") if scores_e is None else ("the expected", "the actual")
-            self.add(where, f"{has} trace has scores (the node pruned) but {lacks} has none")
-            return
-        if scores_e.shape != scores_a.shape:
-            self.add(where, f"scores have shape {_shape(scores_a)}, expected {_shape(scores_e)}")
-            return
-        bad = _bad_floats(scores_e, scores_a, self.atol, self.rtol)
+        bad = _bad_floats(scores_e, scores_a, max(self.atol, SCORE_ATOL_FLOOR), max(self.rtol, SCORE_RTOL_FLOOR))
         if bad.any():
             diff = np.where(bad, _abs_diff(scores_e, scores_a), 0.0)
             w = int(diff.argmax())
             self.add(
                 where,
-                f"scores differ at {int(bad.sum())} of {bad.size} slots; largest at slot {w} "
-                f"(position {int(positions[w])}): expected {_fmt(scores_e[w])}, got {_fmt(scores_a[w])}",
+                f"scores differ at {int(bad.sum())} of {bad.size} slots; largest at {slots.name(w)}: expected "
+                f"{_fmt(scores_e[w])}, got {_fmt(scores_a[w])}",
             )
+            return False
+        return True
 
     # --- the final cache
     def final(self) -> None:
         pos_e, pos_a = self.e.tensors["positions"], self.a.tensors["positions"]
+        slots = _Slots(pos_e, self.e.tensors.get("sources"), self.e.affixes())
         if pos_e.shape != pos_a.shape:
             self.add("final cache", f"holds {pos_a.size} slots, expected {pos_e.size}")
             return
@@ -426,8 +527,17 @@ class _Comparer:
             i = int(bad[0])
             self.add(
                 "final cache",
-                f"positions differ at {bad.size} of {pos_e.size} slots; first: slot {i}, "
+                f"positions differ at {bad.size} of {pos_e.size} slots; first: {slots.name(i, position=False)}, "
                 f"expected {int(pos_e[i])}, got {int(pos_a[i])}",
+            )
+        src_e, src_a = self.e.tensors.get("sources"), self.a.tensors.get("sources")
+        if src_e is not None and src_a is not None and not np.array_equal(src_e, src_a):
+            bad = np.flatnonzero(src_e != src_a)
+            i = int(bad[0])
+            theirs = _Slots(pos_a, src_a, self.e.affixes()).part(i) or f"source {int(src_a[i])}"
+            self.add(
+                "final cache",
+                f"sources differ at {bad.size} of {src_e.size} slots; first: {slots.name(i)}, got {theirs}",
             )
         last_e, last_a = int(self.e.tensors["last_position_id"][0]), int(self.a.tensors["last_position_id"][0])
         if last_e != last_a:
@@ -437,54 +547,93 @@ class _Comparer:
             self.add("final cache", f"has {self.a.num_layers} layers, expected {L}")
         for layer in range(min(L, self.a.num_layers)):
             for kind in ("keys", "values"):
-                key = f"{kind}.{layer}"
-                if key not in self.a.tensors:
-                    self.add(f"final cache, layer {layer}", f"the actual trace lacks {key}")
-                    continue
-                self.tensor(f"final cache, layer {layer}", kind, self.e.tensors[key], self.a.tensors[key], pos_e)
-        self.tensor("logits", "logits", self.e.tensors["logits"], self.a.tensors["logits"], pos_e)
+                where, key = f"final cache, layer {layer}", f"{kind}.{layer}"
+                exp, act = self.e.tensors[key], self.a.tensors[key]  # load_trace checked both have every layer
+                if act.ndim == 3 and act.shape[0::2] == exp.shape[0::2] and act.shape[1] != exp.shape[1]:
+                    self.add(
+                        where,
+                        f"{kind} hold {act.shape[1]} slots, expected {exp.shape[1]}, the slots the root "
+                        f"keeps in every layer{self.first_pruner(layer)}",
+                    )
+                else:
+                    self.tensor(where, kind, exp, act, slots.name, by=lambda s, layer=layer: self.computed_by(layer, s))
+        root = f"; from the output of the root, node (level {self.e.nodes[-1][0]}, index 0)" if self.e.nodes else ""
+        self.tensor(
+            "logits", "logits", self.e.tensors["logits"], self.a.tensors["logits"], slots.name, by=lambda s: root
+        )
 
-    def tensor(self, where, kind, expected, actual, positions) -> None:
-        """keys/values [Hkv, K, Dh] or logits [K, V], within tolerance."""
+    def first_pruner(self, layer: int) -> str:
+        """Who should have removed slots from layer `layer`: '; node (level l, index i) is the first to remove slots
+        from this layer by propagative refinement (it prunes at layer r)' for the first node of the expected trace
+        that prunes above the layer (r > layer), else the first that prunes at it; '' when no node prunes it."""
+        pruners = []
+        for level, index in self.e.nodes:
+            removed, layers = self.e.node(level, index, "removed"), self.e.node(level, index, "layers")
+            if removed is not None and removed.size and int(layers[1]) - 1 >= layer:
+                pruners.append((int(layers[1]) - 1 > layer, level, index, int(layers[1]) - 1))
+        above = [p for p in pruners if p[0]]
+        if not pruners:
+            return ""
+        _, level, index, r = (above or pruners)[0]
+        how = " by propagative refinement" if above else ""
+        node = f"node (level {level}, index {index})"
+        return f"; {node} is the first to remove slots from this layer{how} (it prunes at layer {r})"
+
+    def computed_by(self, layer: int, slot: int) -> str:
+        """'; layer 2 of slot 5 was computed by node (level 1, index 0)': the node of the expected trace that ran
+        this layer for the slot's token (for an affix slot, every node of that level: the merges average them)."""
+        level = next((lv for lv, i in self.e.nodes if layer in range(*self.e.node(lv, i, "layers"))), None)
+        sources = self.e.tensors.get("sources")
+        if level is None:
+            return ""
+        if sources is None or self.e.affixes() is None:
+            return f"; layer {layer} was computed by the level-{level} nodes"
+        source, (P, C, _) = int(sources[slot]), self.e.affixes()
+        if not P <= source < P + C:
+            return f"; layer {layer} of slot {slot} was computed by every level-{level} node (averaged at the merges)"
+        for lv, i in self.e.nodes:
+            inputs = self.e.node(lv, i, "input_sources")
+            if lv == level and inputs is not None and source in inputs:
+                return f"; layer {layer} of slot {slot} was computed by node (level {lv}, index {i})"
+        return ""
+
+    def tensor(self, where, what, expected, actual, name_slot, note: str = "", by=None) -> bool:
+        """keys/values [Hkv, K, Dh], hidden states [K, D] or logits [K, V], within tolerance. True when they match.
+
+        `name_slot(s)` names slot s; `note` ends the message; `by(s)` (optional) names who computed slot s."""
         if expected.shape != actual.shape:
-            self.add(where, f"{kind} have shape {_shape(actual)}, expected {_shape(expected)}")
-            return
+            self.add(where, f"{what} have shape {shape_text(actual)}, expected {shape_text(expected)}")
+            return False
         bad = _bad_floats(expected, actual, self.atol, self.rtol)
         if not bad.any():
-            return
+            return True
         diff = _abs_diff(expected, actual)
         worst = np.unravel_index(int(diff.argmax()), diff.shape)
         first = tuple(int(i) for i in np.argwhere(bad)[0])
 
         def at(index) -> str:
-            if kind == "logits":
-                return f"slot {index[0]} (position {int(positions[index[0]])}), token {index[1]}"
-            return f"head {index[0]}, slot {index[1]} (position {int(positions[index[1]])}), dim {index[2]}"
+            if expected.ndim == 3:  # keys, values
+                return f"head {index[0]}, {name_slot(index[1])}, dim {index[2]}"
+            return f"{name_slot(index[0])}, {'token' if what == 'logits' else 'dim'} {index[1]}"
 
+        slot = first[1] if expected.ndim == 3 else first[0]
         self.add(
             where,
-            f"{kind} differ at {int(bad.sum())} of {bad.size} elements; first at {at(first)}; max |Δ| "
-            f"{diff[worst]:.3g} at {at(worst)}: expected {_fmt(expected[worst])}, got {_fmt(actual[worst])}",
+            f"{what} differ at {int(bad.sum())} of {bad.size} elements{note}; first at {at(first)}; max |Δ| "
+            f"{diff[worst]:.3g} at {at(worst)}: expected {_fmt(expected[worst])}, got {_fmt(actual[worst])}"
+            + (by(slot) if by else ""),
         )
-
-
-def _span(layers: np.ndarray) -> str:
-    first, last = int(layers[0]), int(layers[1])
-    return f"{first}-{last - 1}" if last > first else f"none ([{first}, {last}))"
-
-
-def _short(value) -> str:
-    text = json.dumps(value.tolist() if isinstance(value, np.ndarray) else value)
-    return text if len(text) <= 60 else text[:57] + "..."
+        return False
 
 
 def compare_traces(
     expected, actual, atol: float = DEFAULT_ATOL, rtol: float = DEFAULT_RTOL, nodes: bool = True
 ) -> Report:
     """Compare `actual` with `expected` (paths, dicts or `Trace`s, see `load_trace`); a `Report` of every
-    divergence in execution order: metadata (input, plan), then every node of the expected `node_order`
-    (layers, target, input positions, kept and removed slots, scores), then the final cache (positions,
-    last_position_id, keys and values layer by layer, logits). `nodes=False` compares the final cache only.
+    divergence in execution order: metadata (input, plan), then every node of the expected `node_order` (layers,
+    target, input, the K/V of the layers it ran when both traces have checkpoints, kept and removed slots, scores,
+    its output hidden states), then the final cache (positions, sources, last_position_id, keys and values layer by
+    layer, logits). `nodes=False` compares the final cache only.
     """
     if not (atol >= 0 and rtol >= 0):  # NaN tolerances would make every element diverge
         raise ValueError(f"atol and rtol must be >= 0, got {atol} and {rtol}")
@@ -495,6 +644,8 @@ def compare_traces(
         c.nodes()
     c.final()
     summary = f"{len(e.nodes)} nodes, " if nodes else "final cache only, "
+    if c.checkpoints:
+        summary = f"{len(e.nodes)} nodes with checkpoints, "
     summary += f"{e.num_layers} layers, {e.tensors['positions'].size} slots"
     return Report(e.name, a.name, atol, rtol, c.out, summary)
 

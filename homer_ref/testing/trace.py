@@ -1,8 +1,10 @@
 """The trace format, written: what a HOMER run did, as flat tensors (the answer key other implementations test
 against). The format is specified once, in docs/TRACE_FORMAT.md; this module writes it and reads the input JSON.
 
-- `parse_input(data)`: the input JSON (token ids and HOMER settings, with the documented defaults) -> arguments.
-- `trace_tensors(result, dtype)`: a `HomerCache` -> the name -> tensor dict of the format.
+- `parse_input(data)`: the input JSON (token ids and HOMER settings, with the documented defaults) -> arguments;
+  `input_with_defaults(data)`: the same JSON with every optional key present.
+- `trace_tensors(result, dtype)`: a `HomerCache` -> the name -> tensor dict of the format (with the optional
+  slot sources, and the optional per-node checkpoints when the prefill recorded them).
 - `trace_metadata(...)`: the format's metadata strings (format_version, input, plan, dtype, model, bias).
 """
 
@@ -15,7 +17,9 @@ from homer_ref.homer.prefill import HomerCache
 
 FORMAT_VERSION = "1"
 INPUT_KEYS = ("prefix_ids", "context_ids", "suffix_ids", "max_chunk_len", "target_len", "warmup_layers")
-INPUT_DEFAULTS = {"reduction": "calibrated", "seed": 0}  # optional input keys and their values when absent
+# Optional input keys and their values when absent. `dtype` is the compute dtype the answer key was made with.
+INPUT_DEFAULTS = {"reduction": "calibrated", "seed": 0, "dtype": "float32"}
+INPUT_DTYPES = ("float32", "float64")
 PLAN_KEYS = ("L", "W", "M", "T", "P", "C", "S", "E", "N", "H", "e", "lpc", "lo", "R")  # the `plan` metadata
 
 
@@ -42,14 +46,22 @@ def parse_input(data) -> tuple[list[int], list[int], list[int], HomerConfig]:
     if reduction not in REDUCTIONS:
         raise ValueError(f"'reduction' must be one of {', '.join(REDUCTIONS)}, got {reduction!r}")
     seed = data.get("seed", INPUT_DEFAULTS["seed"])
+    if data.get("dtype", INPUT_DEFAULTS["dtype"]) not in INPUT_DTYPES:
+        raise ValueError(f"'dtype' must be one of {', '.join(INPUT_DTYPES)}, got {data['dtype']!r}")
     config = HomerConfig(data["max_chunk_len"], data["target_len"], data["warmup_layers"], reduction, seed)
     return ids[0], ids[1], ids[2], config
+
+
+def input_with_defaults(data: dict) -> dict:
+    """The input JSON with every optional key present (its documented default when absent)."""
+    return {**INPUT_DEFAULTS, **data}
 
 
 def trace_tensors(result: HomerCache, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """The flat name -> tensor dict written to the trace file."""
     out = {
         "positions": result.positions.to(torch.int64),
+        "sources": result.sources.to(torch.int64),
         "logits": result.logits.to(dtype),
         "last_position_id": torch.tensor([result.last_position], dtype=torch.int64),
         "node_order": torch.tensor([[t.level, t.index] for t in result.nodes], dtype=torch.int64),
@@ -61,10 +73,15 @@ def trace_tensors(result: HomerCache, dtype: torch.dtype) -> dict[str, torch.Ten
         out[f"{name}.layers"] = torch.tensor(t.layers, dtype=torch.int64)
         out[f"{name}.target"] = torch.tensor([t.target], dtype=torch.int64)
         out[f"{name}.input_positions"] = t.input_positions.to(torch.int64)
+        out[f"{name}.input_sources"] = t.input_sources.to(torch.int64)
         out[f"{name}.kept"] = t.kept.to(torch.int64)
         out[f"{name}.removed"] = t.removed.to(torch.int64)
         if t.scores is not None:
             out[f"{name}.scores"] = t.scores.to(torch.float32)
+        if t.hidden is not None:  # checkpoints: the node's state at its end
+            out[f"{name}.hidden"] = t.hidden.to(dtype)
+            for layer, k, v in zip(range(*t.layers), t.keys, t.values):
+                out[f"{name}.keys.{layer}"], out[f"{name}.values.{layer}"] = k.to(dtype), v.to(dtype)
     # clone: safetensors refuses tensors that share storage
     return {k: v.detach().cpu().contiguous().clone() for k, v in out.items()}
 
