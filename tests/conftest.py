@@ -4,6 +4,7 @@ Also prints, at the end of a run, the largest max |Δ| each tolerance of `helper
 and the mutation table of tests/test_mutations.py (each mistake, the fixture cases that catch it, the first divergence).
 """
 
+import os
 import sys
 from pathlib import Path
 
@@ -11,8 +12,9 @@ import pytest
 import torch
 
 # Every tensor in these tests is tiny, so intra-op threads only add overhead; on a busy 2-core machine their
-# spin-waiting made the suite ~20x slower. One thread also makes timings reproducible.
-torch.set_num_threads(1)
+# spin-waiting made the suite ~20x slower. One thread also makes timings reproducible. HOMER_REF_TEST_THREADS
+# chooses another count (scripts/kernel_sweep.py runs the golden tests with 1 and 2: other reduction orders).
+torch.set_num_threads(int(os.environ.get("HOMER_REF_TEST_THREADS", "1")))
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # `pytest` as well as `python -m pytest` finds homer_ref and reference/

@@ -61,3 +61,14 @@ def test_markdown_links_resolve():
             if "://" not in target and not (path.parent / target).exists():
                 broken.append(f"{path.relative_to(ROOT)} -> {target}")
     assert not broken, broken
+
+
+def test_tests_the_docs_name_exist():
+    """Every `test_file.py::test_name` the README or the docs cite (the deviations table's "pinned by") exists."""
+    missing = []
+    for path in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        for file, name in re.findall(r"(test_\w+\.py)::(test_\w+)", path.read_text()):
+            source = ROOT / "tests" / file
+            if not source.is_file() or not re.search(rf"^def {name}\(", source.read_text(), re.M):
+                missing.append(f"{path.name}: {file}::{name}")
+    assert not missing, missing
