@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 
 from homer_ref import load_model, load_tokenizer
 from homer_ref.cli.common import run_main
-from homer_ref.cli.eval import PASSKEY_MODES, main, rope_scaled, surviving_context
+from homer_ref.cli.eval import PASSKEY_DEFAULT_MODES, main, rope_scaled, surviving_context
 from homer_ref.decoding import generate_plain, greedy_batch
 from homer_ref.homer import homer_prefill
 from homer_ref.homer.calibration import calibrate
@@ -59,7 +59,7 @@ def test_passkey_json_is_well_formed_for_every_mode(tiny, capsys):
     argv += ["--lengths", "1,2", "--samples", "2", "--json"]
     assert main(argv) == 0
     rows = rows_of(capsys)
-    assert [(r["mode"], r["length"]) for r in rows] == [(m, n) for n in (64, 128) for m in PASSKEY_MODES]
+    assert [(r["mode"], r["length"]) for r in rows] == [(m, n) for n in (64, 128) for m in PASSKEY_DEFAULT_MODES]
     for row in rows:
         assert row["task"] == "passkey" and row["trained_context"] == 64 and row["samples"] == 2
         assert 0.0 <= row["accuracy"] <= 1.0 and row["correct"] == round(2 * row["accuracy"])

@@ -7,16 +7,22 @@ Set HOMER_REF_TRACEBACK=1 to see the traceback of an unexpected exception.
 
 import argparse
 import os
+import re
+import resource
 import sys
 import tempfile
+import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
+from homer_ref.llama import Llama, RopeScaling
 from homer_ref.loading import CheckpointError, check_tokenizer, load_config, load_model, load_tokenizer
 from homer_ref.loading.tokenizer import find_tokenizer_file
+from homer_ref.loading.weights import with_config
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -64,6 +70,68 @@ def set_threads_for(model: torch.nn.Module) -> None:
     threads' spin-waiting made a 2,048-token HOMER prefill of the shipped model ~80x slower (0.26 s vs 23 s)."""
     if sum(p.numel() for p in model.parameters()) < 50_000_000:
         torch.set_num_threads(1)
+
+
+class Measured:
+    """Wall time, CPU time and peak RSS of one block of work: `with Measured() as m: ...`, then `m.row()`.
+
+    The peak is the process's resident-set high-water mark (Linux `VmHWM`), reset when the block starts (writing 5
+    to /proc/self/clear_refs), so that each measured block reports its own peak even in a long-running process.
+    Where the reset is unavailable the peak is the process's lifetime `ru_maxrss` (`peak_is_lifetime` says so)."""
+
+    def __enter__(self) -> "Measured":
+        self.peak_is_lifetime = not reset_peak_rss()
+        self.rss_start = current_rss()
+        self.wall, self.cpu = time.perf_counter(), time.process_time()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.wall, self.cpu = time.perf_counter() - self.wall, time.process_time() - self.cpu
+        self.peak = peak_rss()
+
+    def row(self) -> dict:
+        """seconds (wall), cpu_seconds (this process), peak_rss_mib and rss_start_mib (resident set at the start)."""
+        mib = 2**20
+        row = {"seconds": round(self.wall, 2), "cpu_seconds": round(self.cpu, 2)}
+        row |= {"peak_rss_mib": round(self.peak / mib), "rss_start_mib": round(self.rss_start / mib)}
+        return row | ({"peak_rss_is_lifetime": True} if self.peak_is_lifetime else {})
+
+
+def _status_kib(field: str) -> int | None:
+    try:
+        match = re.search(rf"^{field}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.MULTILINE)
+    except OSError:
+        return None
+    return int(match.group(1)) if match else None
+
+
+def reset_peak_rss() -> bool:
+    """Reset this process's peak-RSS mark to its current RSS (Linux >= 4.0); False where that is impossible."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return _status_kib("VmHWM") is not None
+
+
+def current_rss() -> int:
+    """Bytes resident now (0 where /proc is unavailable)."""
+    return (_status_kib("VmRSS") or 0) * 1024
+
+
+def peak_rss() -> int:
+    """Bytes: the peak resident set since the last `reset_peak_rss` (or since the process started)."""
+    hwm = _status_kib("VmHWM")
+    return hwm * 1024 if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def rope_scaled(model: Llama, mode: str, factor: float) -> Llama:
+    """The same weights with RoPE scaling `mode` (linear | dynamic | yarn) by `factor`; `model` itself if none."""
+    if mode == "plain" or factor <= 1:
+        return model
+    trained = model.cfg.max_position_embeddings
+    scaling = RopeScaling(mode, factor=float(factor), original_max_position_embeddings=trained)
+    return with_config(model, replace(model.cfg, rope_scaling=scaling))
 
 
 def progress(message: str) -> None:
