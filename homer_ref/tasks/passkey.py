@@ -169,11 +169,13 @@ def encode_prompt(tok, prefix: str, context: str, suffix: str, passkey: int, cha
     if chat:
         asked = suffix.removesuffix(ANSWER_START).rstrip()
         suffix = asked + closing + (ANSWER_START if asked != suffix else "")
-    context_ids = tok.encode(context, bos=False)
+    # The parts are encoded apart (HOMER reads them apart), so the spaces between them are written out: a
+    # byte-level BPE would otherwise glue "... ." to "What" (sentencepiece drops a leading space either way).
+    context_ids = tok.encode((" " if prefix else "") + context, bos=False)
     return PasskeyPrompt(
         tok.encode(opening + prefix, bos=False if chat else None),
         context_ids,
-        tok.encode(suffix, bos=False),
+        tok.encode(" " + suffix, bos=False),
         passkey,
         digit_tokens(tok, context_ids),
     )
