@@ -6,6 +6,7 @@ Set HOMER_REF_TRACEBACK=1 to see the traceback of an unexpected exception.
 """
 
 import argparse
+import ctypes
 import os
 import re
 import resource
@@ -27,8 +28,28 @@ from homer_ref.loading.weights import with_config
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def return_freed_memory(threshold: int = 1 << 20) -> bool:
+    """Have glibc's malloc serve every block of >= `threshold` bytes from its own memory map, so that a freed
+    activation goes back to the system at once. True if set; False where the C library is not glibc.
+
+    By default glibc raises that threshold to the largest block freed so far (up to 32 MiB); after a few layers a
+    long prompt's activations come from the heap, interleave with the KV cache and are never returned. Measured on
+    SmolLM2 (4,096 tokens, plain prefill): 370 MiB resident above the model after the last layer for a 180 MiB
+    cache by default, 204 MiB with this. Python API users get the same with MALLOC_MMAP_THRESHOLD_=1048576."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(M_MMAP_THRESHOLD, threshold))
+    except (OSError, AttributeError):
+        return False
+
+
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+
+
 def run_main(main: Callable[[list[str] | None], int], argv: list[str] | None = None) -> int:
-    """Call `main(argv)`, turning exceptions into a one-line `error: ...` on stderr and an exit code."""
+    """Call `main(argv)`, turning exceptions into a one-line `error: ...` on stderr and an exit code. Every
+    command runs with `return_freed_memory`."""
+    return_freed_memory()
     try:
         return main(argv)
     except KeyboardInterrupt:
