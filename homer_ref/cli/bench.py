@@ -40,8 +40,16 @@ from pathlib import Path
 import torch
 
 from homer_ref.budget import check_fits, kv_bytes, plain_bytes
-from homer_ref.cli.common import DTYPES, current_rss, peak_rss, progress, reset_peak_rss, run_main
-from homer_ref.cli.eval import parse_list, parse_modes
+from homer_ref.cli.common import (
+    DTYPES,
+    current_rss,
+    parse_list,
+    parse_modes,
+    peak_rss,
+    progress,
+    reset_peak_rss,
+    run_main,
+)
 from homer_ref.data import STORIES260K
 from homer_ref.homer import homer_prefill
 from homer_ref.homer.plan import HomerConfig, Plan, plan

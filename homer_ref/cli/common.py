@@ -155,6 +155,24 @@ def rope_scaled(model: Llama, mode: str, factor: float) -> Llama:
     return with_config(model, replace(model.cfg, rope_scaling=scaling))
 
 
+def parse_list(text: str, kind, name: str) -> list:
+    try:
+        values = [kind(v) for v in text.split(",") if v.strip()]
+    except ValueError as e:
+        raise ValueError(f"--{name}: expected a comma-separated list, got {text!r}") from e
+    if not values:
+        raise ValueError(f"--{name}: empty list")
+    return values
+
+
+def parse_modes(text: str, allowed: tuple[str, ...], name: str = "modes") -> list[str]:
+    modes = parse_list(text, str, name)
+    bad = [m for m in modes if m not in allowed]
+    if bad:
+        raise ValueError(f"--{name}: unknown mode {bad[0]!r}; choose from {', '.join(allowed)}")
+    return list(dict.fromkeys(modes))
+
+
 def progress(message: str) -> None:
     """One line of progress on stderr (stdout is kept for results, so commands pipe)."""
     print(message, file=sys.stderr, flush=True)

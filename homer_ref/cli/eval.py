@@ -47,7 +47,17 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from homer_ref.cli.common import DTYPES, Measured, open_model, open_tokenizer, progress, rope_scaled, run_main
+from homer_ref.cli.common import (
+    DTYPES,
+    Measured,
+    open_model,
+    open_tokenizer,
+    parse_list,
+    parse_modes,
+    progress,
+    rope_scaled,
+    run_main,
+)
 from homer_ref.decoding import decode, greedy_batch
 from homer_ref.homer import HomerCache, continuation_logits, homer_generate, homer_prefill
 from homer_ref.homer.calibration import BIAS_FILE, calibrate_on_context, find_bias
@@ -74,24 +84,6 @@ PERPLEXITY_MODES = ROPE_MODES + ("sliding",) + tuple(m for m in HOMER_MODES if m
 
 
 # ----------------------------------------------------------------------------------------------- shared
-
-
-def parse_list(text: str, kind, name: str) -> list:
-    try:
-        values = [kind(v) for v in text.split(",") if v.strip()]
-    except ValueError as e:
-        raise ValueError(f"--{name}: expected a comma-separated list, got {text!r}") from e
-    if not values:
-        raise ValueError(f"--{name}: empty list")
-    return values
-
-
-def parse_modes(text: str, allowed: tuple[str, ...], name: str = "modes") -> list[str]:
-    modes = parse_list(text, str, name)
-    bad = [m for m in modes if m not in allowed]
-    if bad:
-        raise ValueError(f"--{name}: unknown mode {bad[0]!r}; choose from {', '.join(allowed)}")
-    return list(dict.fromkeys(modes))
 
 
 class Emitter:
