@@ -4,7 +4,9 @@
     python -m homer_ref.eval perplexity --model DIR_OR_BIN [--tokenizer FILE] [--json]
 
 Results go to stdout (a table, or with --json one JSON object per line with at least `task`, `mode`, `length`,
-`trained_context` and `accuracy` or `perplexity`); progress goes to stderr.
+`trained_context` and `accuracy` or `perplexity`, and what the cell cost: `seconds` (wall), `cpu_seconds`,
+`peak_rss_mib` (the process's peak resident set during the cell, its mark reset when the cell starts) and
+`rss_start_mib`); progress goes to stderr.
 
 Modes (the paper's baselines, HOMER_SPEC.md J, and its ablation of the pruning criterion, J.5):
     plain                plain inference past the trained context
@@ -13,16 +15,22 @@ Modes (the paper's baselines, HOMER_SPEC.md J, and its ablation of the pruning c
     homer                HOMER with the calibrated significance (bias table from the model directory or --bias)
     homer-uncalibrated   HOMER without the bias
     homer-random         HOMER pruning random tokens (seeded)
+    homer-yarn           (passkey only) HOMER on the model with YaRN by --homer-yarn-factor (default 2, as the
+                         official scripts), M defaulting to that many trained contexts less the answer's room, with
+                         its own bias table (--bias-yarn, from `calibrate --yarn`: YaRN scales the logits, I.1)
+    homer-yarn-uncalibrated  the same without the bias
     homer-no-pruning     (passkey only) a diagnostic, not HOMER: the chunks merge without pruning anything, so a
                          failure here is caused by the merging (chunk-local lower layers, overlapping positions)
     sliding              (perplexity only) a sliding window of the trained context
 
 Passkey (HOMER_SPEC.md H.3): prompts from `homer_ref.passkey` (BOS when the model adds one | filler with the
-passkey sentence at a stratified random depth | question; with --chat the chat template's opening joins the prefix
-and its closing the question), `length` tokens in all minus room for the answer; greedy decoding; correct
-when the first integer of the output is the passkey. The same prompts are used for every mode. HOMER gets
-prefix = BOS, context = the filler, suffix = the question, and by default M = T = the trained context minus the
-answer's room, so that every generated position stays inside the trained context. For HOMER rows, `digits_kept`
+passkey sentence at a stratified random depth | question), `length` tokens of the model's own tokenizer in all
+minus room for the answer; greedy decoding; correct when the first integer of the output is the passkey. When
+the tokenizer has a chat template the prompt is one user turn of it by default (its opening joins the prefix; the
+question, the template's closing and the reply's start "The pass key is" form the suffix); `--no-chat` gives the
+plain text. The same prompts are used for every mode. HOMER gets prefix = BOS (+ the template's opening),
+context = the filler, suffix = the question, and by default M = T = the trained context minus the answer's room,
+so that every generated position stays inside the trained context. For HOMER rows, `digits_kept`
 is the fraction of the passkey's digit tokens (both copies) still in the final cache and `copy_kept` the fraction
 of samples that kept at least one complete copy: read from HOMER's trace, they tell a pruning failure from a
 reading failure (`--explain` prints, per tree node, where a failed sample lost its digits).
@@ -33,7 +41,7 @@ end = 2·ev, 3·ev, ...: prefix = the first P tokens, suffix = the S tokens befo
 between, compressed by HOMER; the tokens [end, end+ev) are fed after the compact cache and each logit scores
 the next token. Every token from 1 to the end is predicted once. Only the parts that score tokens inside
 [--score-from, --score-to) are computed. Without --text the document is sampled from the model itself (stories
-of at most the trained context, each from BOS, seeded, concatenated; BOS and the stop tokens are the tokenizer's, or
+of at most the trained context and of no more than is still missing, each from BOS, seeded, concatenated; BOS and the stop tokens are the tokenizer's, or
 config.json's bos/eos_token_id for a model without one). Without --bias the `homer` mode
 calibrates on the document's first 2·ev tokens, which every scored token has already seen.
 """
