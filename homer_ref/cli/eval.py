@@ -41,9 +41,10 @@ end = 2·ev, 3·ev, ...: prefix = the first P tokens, suffix = the S tokens befo
 between, compressed by HOMER; the tokens [end, end+ev) are fed after the compact cache and each logit scores
 the next token. Every token from 1 to the end is predicted once. Only the parts that score tokens inside
 [--score-from, --score-to) are computed. Without --text the document is sampled from the model itself (stories
-of at most the trained context and of no more than is still missing, each from BOS, seeded, concatenated; BOS and the stop tokens are the tokenizer's, or
-config.json's bos/eos_token_id for a model without one). Without --bias the `homer` mode
-calibrates on the document's first 2·ev tokens, which every scored token has already seen.
+of at most the trained context and of no more than is still missing, each from BOS, seeded, concatenated; BOS
+and the stop tokens are the tokenizer's, or config.json's bos/eos_token_id for a model without one). Without
+--bias the `homer` mode calibrates on the document's first 2·ev tokens, which every scored token has already
+seen.
 """
 
 import argparse
