@@ -108,7 +108,10 @@ def rope_cos_sin(cfg: LlamaConfig, positions: torch.Tensor, dtype: torch.dtype) 
     inv_freq, scale = rope_frequencies(cfg, int(positions.max()) + 1 if positions.numel() else 0)
     angles = positions.to(torch.float64)[..., None] * inv_freq.to(positions.device)  # [..., T, Dh/2]
     angles = torch.cat([angles, angles], dim=-1)  # [..., T, Dh]: half-split layout
-    return (angles.cos() * scale).to(dtype), (angles.sin() * scale).to(dtype)
+    cos, sin = angles.cos(), angles.sin()
+    if scale != 1.0:
+        cos, sin = cos * scale, sin * scale
+    return cos.to(dtype), sin.to(dtype)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -191,6 +194,7 @@ class Llama(nn.Module):
         positions: torch.Tensor,  # [T] or [B, T] integer position ids of the T new tokens
         past: tuple[torch.Tensor, torch.Tensor] | None = None,  # this layer's cache (k, v) [B, Hkv, S, Dh]
         last_query: bool = False,  # also return the last query's logits (HOMER's significance)
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,  # rope_cos_sin(positions), when computed once
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """First half of decoder layer `layer`: h + attention(norm(h)), token i seeing cache and new tokens <= i.
 
@@ -206,7 +210,7 @@ class Llama(nn.Module):
         q = blk.self_attn.q_proj(x).view(B, T, Hq, Dh).transpose(1, 2)  # [B, Hq, T, Dh]
         k = blk.self_attn.k_proj(x).view(B, T, Hkv, Dh).transpose(1, 2)  # [B, Hkv, T, Dh]
         v = blk.self_attn.v_proj(x).view(B, T, Hkv, Dh).transpose(1, 2)  # [B, Hkv, T, Dh]
-        cos, sin = rope_cos_sin(cfg, positions, q.dtype)
+        cos, sin = rope_cos_sin(cfg, positions, q.dtype) if rope is None else rope
         if cos.dim() == 3:  # per-batch positions [B, T, Dh] -> [B, 1, T, Dh] to broadcast over heads
             cos, sin = cos[:, None], sin[:, None]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
@@ -260,9 +264,10 @@ class Llama(nn.Module):
         if positions is None:
             positions = torch.arange(S, S + tokens.shape[1], device=tokens.device)
         h = self.embed_tokens(tokens)  # [B, T, D]
+        rope = rope_cos_sin(self.cfg, positions, h.dtype)  # the same positions in every layer: computed once
         new_cache: Cache = []
         for layer in range(self.cfg.num_hidden_layers):
-            h, k, v, _ = self.attend(layer, h, positions, None if cache is None else cache[layer])
+            h, k, v, _ = self.attend(layer, h, positions, None if cache is None else cache[layer], rope=rope)
             if consume_cache:
                 cache[layer] = None
             h = self.feed_forward(layer, h)
