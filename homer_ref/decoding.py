@@ -55,7 +55,7 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generato
 def decode(
     model: Llama,
     last_logits: torch.Tensor,  # [V] logits after the last prompt token
-    cache: Cache,  # per layer (k, v) [1, Hkv, S, Dh]
+    cache: Cache,  # per layer (k, v) [1, Hkv, S, Dh]; consumed (entries become None as they are replaced)
     next_position: int,  # position id of the first generated token
     max_new_tokens: int,
     temperature: float = 0.0,
@@ -85,7 +85,8 @@ def decode(
         if token in stop_ids or t == max_new_tokens - 1:
             break
         x = torch.tensor([[token]], device=device)
-        logits, cache = model.forward_cached(x, torch.tensor([next_position + t], device=device), cache)
+        position = torch.tensor([next_position + t], device=device)
+        logits, cache = model.forward_cached(x, position, cache, consume_cache=True)
         last_logits = logits[0, -1]
     return out
 
@@ -116,5 +117,6 @@ def greedy_batch(model: Llama, prompts: list[list[int]], max_new_tokens: int) ->
         token = logits[:, -1].argmax(-1)  # [B]: the first maximum, as `sample_next`
         out.append(token)
         if t < max_new_tokens - 1:
-            logits, cache = model.forward_cached(token[:, None], torch.tensor([T + t], device=x.device), cache)
+            position = torch.tensor([T + t], device=x.device)
+            logits, cache = model.forward_cached(token[:, None], position, cache, consume_cache=True)
     return torch.stack(out, dim=1).tolist()

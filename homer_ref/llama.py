@@ -27,6 +27,7 @@ from torch import nn
 
 Cache = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: (k [B, Hkv, S, Dh] after RoPE, v [B, Hkv, S, Dh])
 ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3")
+MLP_ROWS = 4096  # a longer input runs the MLP this many tokens at a time: its F-wide activations are the largest
 
 
 @dataclass(frozen=True)
@@ -107,7 +108,10 @@ def rope_cos_sin(cfg: LlamaConfig, positions: torch.Tensor, dtype: torch.dtype) 
     inv_freq, scale = rope_frequencies(cfg, int(positions.max()) + 1 if positions.numel() else 0)
     angles = positions.to(torch.float64)[..., None] * inv_freq.to(positions.device)  # [..., T, Dh/2]
     angles = torch.cat([angles, angles], dim=-1)  # [..., T, Dh]: half-split layout
-    return (angles.cos() * scale).to(dtype), (angles.sin() * scale).to(dtype)
+    cos, sin = angles.cos(), angles.sin()
+    if scale != 1.0:
+        cos, sin = cos * scale, sin * scale
+    return cos.to(dtype), sin.to(dtype)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -120,9 +124,9 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
+    def __init__(self, dim: int, eps: float, device=None):
         super().__init__()
-        self.eps, self.weight = eps, nn.Parameter(torch.ones(dim))
+        self.eps, self.weight = eps, nn.Parameter(torch.ones(dim, device=device))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.to(torch.promote_types(x.dtype, torch.float32))  # normalise in at least float32
@@ -131,48 +135,55 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: LlamaConfig):
+    def __init__(self, cfg: LlamaConfig, device=None):
         super().__init__()
         D, Hq, Hkv, Dh = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        self.q_proj = nn.Linear(D, Hq * Dh, bias=False)
-        self.k_proj = nn.Linear(D, Hkv * Dh, bias=False)
-        self.v_proj = nn.Linear(D, Hkv * Dh, bias=False)
-        self.o_proj = nn.Linear(Hq * Dh, D, bias=False)
+        self.q_proj = nn.Linear(D, Hq * Dh, bias=False, device=device)
+        self.k_proj = nn.Linear(D, Hkv * Dh, bias=False, device=device)
+        self.v_proj = nn.Linear(D, Hkv * Dh, bias=False, device=device)
+        self.o_proj = nn.Linear(Hq * Dh, D, bias=False, device=device)
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: LlamaConfig):
+    def __init__(self, cfg: LlamaConfig, device=None):
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False, device=device)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False, device=device)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False, device=device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: LlamaConfig):
+    def __init__(self, cfg: LlamaConfig, device=None):
         super().__init__()
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = MLP(cfg)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, device)
+        self.self_attn = Attention(cfg, device)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, device)
+        self.mlp = MLP(cfg, device)
 
 
 # ----------------------------------------------------------------------------------------------- model
 
 
 class Llama(nn.Module):
-    """Parameter names follow HF's checkpoints without the leading `model.` (e.g. `layers.0.mlp.up_proj.weight`)."""
+    """Parameter names follow HF's checkpoints without the leading `model.` (e.g. `layers.0.mlp.up_proj.weight`).
 
-    def __init__(self, cfg: LlamaConfig):
+    `Llama(cfg)` holds randomly initialised parameters; `Llama(cfg, device="meta")` holds parameters without memory
+    or initialisation, to be replaced by a checkpoint's tensors (`loading.weights.build_model` assigns them).
+    """
+
+    def __init__(self, cfg: LlamaConfig, device=None):
         super().__init__()
         self.cfg = cfg
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_hidden_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        # On meta, an explicit empty weight: initialising one there would import torch's compiler (~1.5 s).
+        meta = device is not None and torch.device(device).type == "meta"
+        embedding = torch.empty(cfg.vocab_size, cfg.hidden_size, device="meta") if meta else None
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, _weight=embedding, device=device)
+        self.layers = nn.ModuleList(Block(cfg, device) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, device)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False, device=device)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
 
@@ -183,6 +194,7 @@ class Llama(nn.Module):
         positions: torch.Tensor,  # [T] or [B, T] integer position ids of the T new tokens
         past: tuple[torch.Tensor, torch.Tensor] | None = None,  # this layer's cache (k, v) [B, Hkv, S, Dh]
         last_query: bool = False,  # also return the last query's logits (HOMER's significance)
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,  # rope_cos_sin(positions), when computed once
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """First half of decoder layer `layer`: h + attention(norm(h)), token i seeing cache and new tokens <= i.
 
@@ -198,7 +210,7 @@ class Llama(nn.Module):
         q = blk.self_attn.q_proj(x).view(B, T, Hq, Dh).transpose(1, 2)  # [B, Hq, T, Dh]
         k = blk.self_attn.k_proj(x).view(B, T, Hkv, Dh).transpose(1, 2)  # [B, Hkv, T, Dh]
         v = blk.self_attn.v_proj(x).view(B, T, Hkv, Dh).transpose(1, 2)  # [B, Hkv, T, Dh]
-        cos, sin = rope_cos_sin(cfg, positions, q.dtype)
+        cos, sin = rope_cos_sin(cfg, positions, q.dtype) if rope is None else rope
         if cos.dim() == 3:  # per-batch positions [B, T, Dh] -> [B, 1, T, Dh] to broadcast over heads
             cos, sin = cos[:, None], sin[:, None]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
@@ -219,9 +231,14 @@ class Llama(nn.Module):
         return h, k, v, last_logits
 
     def feed_forward(self, layer: int, h: torch.Tensor) -> torch.Tensor:
-        """Second half of decoder layer `layer`: h [B, T, D] -> h + MLP(norm(h))."""
+        """Second half of decoder layer `layer`: h [B, T, D] -> h + MLP(norm(h)).
+
+        Token by token, so a long input runs it in slices of MLP_ROWS tokens: the MLP's three [B, T, F]
+        intermediates of a 16k-token prompt would otherwise be ~0.4 GB beside the KV cache (F = 1536)."""
         blk = self.layers[layer]
-        return h + blk.mlp(blk.post_attention_layernorm(h))
+        if h.shape[1] <= MLP_ROWS:
+            return h + blk.mlp(blk.post_attention_layernorm(h))
+        return torch.cat([self.feed_forward(layer, part) for part in h.split(MLP_ROWS, dim=1)], dim=1)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """Final norm and output head: h [B, T, D] -> logits [B, T, V] in float32 (or float64)."""
@@ -232,21 +249,27 @@ class Llama(nn.Module):
         self,
         tokens: torch.Tensor,  # [B, T] token ids
         positions: torch.Tensor | None = None,  # [T] or [B, T]; default S, S+1, ..., S+T-1
-        cache: Cache | None = None,  # per layer (k, v) [B, Hkv, S, Dh]; not modified
+        cache: Cache | None = None,  # per layer (k, v) [B, Hkv, S, Dh]; not modified unless `consume_cache`
         all_logits: bool = False,  # logits of every token, or only of the last (what generation needs)
+        consume_cache: bool = False,  # let go of each layer's old entry in `cache` as soon as its new one is made
     ) -> tuple[torch.Tensor, Cache]:
         """Logits [B, T, V] (`all_logits`) or [B, 1, V], and the new cache (old entries, then the T new ones).
 
         Only the last row by default: a long prompt's logits are T x V floats nobody reads (16k tokens of a
-        49k-token vocabulary: 3.2 GB), while perplexity and traces ask for them all.
+        49k-token vocabulary: 3.2 GB), while perplexity and traces ask for them all. A decoding loop, which drops
+        the old cache anyway, passes `consume_cache` (its entries become None) so that a step never holds the old
+        and the new cache of every layer at once (twice the KV memory).
         """
         S = 0 if cache is None else cache[0][0].shape[2]
         if positions is None:
             positions = torch.arange(S, S + tokens.shape[1], device=tokens.device)
         h = self.embed_tokens(tokens)  # [B, T, D]
+        rope = rope_cos_sin(self.cfg, positions, h.dtype)  # the same positions in every layer: computed once
         new_cache: Cache = []
         for layer in range(self.cfg.num_hidden_layers):
-            h, k, v, _ = self.attend(layer, h, positions, None if cache is None else cache[layer])
+            h, k, v, _ = self.attend(layer, h, positions, None if cache is None else cache[layer], rope=rope)
+            if consume_cache:
+                cache[layer] = None
             h = self.feed_forward(layer, h)
             new_cache.append((k, v))
         return self.logits(h if all_logits else h[:, -1:]), new_cache

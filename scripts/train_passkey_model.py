@@ -322,8 +322,10 @@ def results_table(rows: list[dict]) -> str:
     if not rows:
         return "(not measured yet)\n"
 
-    def label(r: dict) -> str:
-        return f"{r['mode']} M={r['max_chunk_len']}" if "max_chunk_len" in r else r["mode"]
+    def label(r: dict) -> str:  # HOMER rows by M, and "W=0" where the warm-up was off (the default is never 0 here)
+        if "max_chunk_len" not in r:
+            return r["mode"]
+        return f"{r['mode']} M={r['max_chunk_len']}" + (" W=0" if r.get("warmup_layers") == 0 else "")
 
     lengths = sorted({r["length"] for r in rows})
     labels = list(dict.fromkeys(label(r) for r in rows))
@@ -354,11 +356,11 @@ def results_table(rows: list[dict]) -> str:
 
 def targets(rows: list[dict]) -> str:
     """The targets the model was trained for, checked against the measured rows (missing cells say so)."""
-    default_m = TRAINED_CONTEXT - ANSWER_ROOM  # the targets are checked at eval's default M (other M: extra rows)
+    default_m = TRAINED_CONTEXT - ANSWER_ROOM  # the targets are checked at eval's default M and W (others: extra rows)
     acc = {
         (r["mode"], r["length"] // TRAINED_CONTEXT): r["accuracy"]
         for r in rows
-        if r["task"] == "passkey" and r.get("max_chunk_len", default_m) == default_m
+        if r["task"] == "passkey" and r.get("max_chunk_len", default_m) == default_m and r.get("warmup_layers") != 0
     }
 
     def get(mode: str, m: int) -> float | None:
@@ -446,7 +448,10 @@ float32): `homer_ref.homer.calibration.calibrate` on {BIAS_WINDOWS} windows of B
 each; it serves any max_chunk_len up to {TRAINED_CONTEXT}.
 
 ## Measured accuracy (passkey retrieval, greedy)
-Lengths are whole prompts in multiples of the trained context. Commands:
+Lengths are whole prompts in multiples of the trained context. HOMER rows use eval's defaults: M = T = the trained
+context less the answer's room unless a row names M, and the warm-up of the official scripts, W = round(12 L / 32)
+= 3 of the {cfg["num_hidden_layers"]} layers (lowered to 2 at 16×, where the tree's six levels need six layers);
+rows marked W=0 have no warm-up (`patch()`'s default in the official code). Commands:
 ```
 {cmds}
 ```

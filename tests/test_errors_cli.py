@@ -296,7 +296,7 @@ def test_bench_refuses_a_run_that_cannot_fit_in_memory(capsys, monkeypatch, keep
     monkeypatch.setattr(budget, "available_bytes", lambda device="cpu": 1024)
     with pytest.raises(MemoryError, match="the plain prefill of 40 tokens"):
         bench.plain_prefill(model, list(range(40)))
-    check(run(capsys, bench, ["--one", "bench", "plain", "64", "48"]), 1, ("MemoryError", "HOMER on 96 tokens"), "")
+    check(run(capsys, bench, ["--one", "bench", "plain", "64", "48"]), 1, ("MemoryError", "HOMER on 64 tokens"), "")
 
 
 # ----------------------------------------------------------------------------------------------- eval

@@ -37,12 +37,15 @@ TINY = dict(vocab_size=288, num_hidden_layers=4, max_position_embeddings=64)  # 
 
 @pytest.fixture
 def tiny(tiny_hf_model, tmp_path):
-    """(model directory, bias file) of a random 4-layer model with a 64-token trained context."""
+    """(model directory, bias file) of a random 4-layer model with a 64-token trained context; beside the bias, a
+    YaRN x2 table (`yarn_bias.safetensors`, windows of 2 * 64 - the answer's room) for the homer-yarn modes."""
     model_dir, _ = tiny_hf_model(**TINY)
     model = load_model(model_dir)
-    windows = [[random.Random(i).randrange(3, 288) for _ in range(64)] for i in range(4)]
+    windows = [[random.Random(i).randrange(3, 288) for _ in range(128)] for i in range(4)]
     bias_path = tmp_path / "bias.safetensors"
-    save_file({"bias": calibrate(model, windows)}, str(bias_path))
+    save_file({"bias": calibrate(model, [w[:64] for w in windows])}, str(bias_path))
+    yarn = calibrate(rope_scaled(model, "yarn", 2.0), [w[:120] for w in windows])
+    save_file({"bias": yarn}, str(tmp_path / "yarn_bias.safetensors"))
     return model_dir, bias_path
 
 
@@ -56,6 +59,7 @@ def rows_of(capsys) -> list[dict]:
 def test_passkey_json_is_well_formed_for_every_mode(tiny, capsys):
     model_dir, bias = tiny
     argv = ["passkey", "--model", str(model_dir), "--tokenizer", str(TOKENIZER), "--bias", str(bias)]
+    argv += ["--bias-yarn", str(bias.parent / "yarn_bias.safetensors"), "--modes", ",".join(PASSKEY_MODES)]
     argv += ["--lengths", "1,2", "--samples", "2", "--json"]
     assert main(argv) == 0
     rows = rows_of(capsys)
@@ -63,10 +67,48 @@ def test_passkey_json_is_well_formed_for_every_mode(tiny, capsys):
     for row in rows:
         assert row["task"] == "passkey" and row["trained_context"] == 64 and row["samples"] == 2
         assert 0.0 <= row["accuracy"] <= 1.0 and row["correct"] == round(2 * row["accuracy"])
-        if row["mode"].startswith("homer"):
+        assert row["chat"] is False and row["prompt_tokens"] == row["length"] - 8  # no template: plain text
+        assert row["seconds"] > 0 and row["cpu_seconds"] > 0 and row["peak_rss_mib"] >= row["rss_start_mib"] > 0
+        if row["mode"].startswith("homer-yarn"):  # YaRN x2: twice the context, less the answer's room
+            assert row["max_chunk_len"] == 120 and row["rope_factor"] == 2.0
+        elif row["mode"].startswith("homer"):
             assert 0.0 <= row["digits_kept"] <= 1.0 and row["max_chunk_len"] == 56  # 64 - the answer room
         if row["mode"] == "homer-no-pruning":  # the diagnostic removes nothing: every digit survives
             assert row["digits_kept"] == 1.0 and row["copy_kept"] == 1.0
+    with pytest.raises(ValueError, match="--bias-yarn"):  # homer-yarn without its own table
+        main(argv[:5] + ["--modes", "homer-yarn", "--lengths", "1", "--samples", "1"])
+
+
+def test_explain_follows_the_digits_through_the_tree(tiny, capsys):
+    """--explain prints, for a failed HOMER sample, every node that held passkey digits (each copy's digits, '_'
+    where removed) and the final cache, consistent with the trace."""
+    model_dir, _ = tiny
+    argv = ["passkey", "--model", str(model_dir), "--tokenizer", str(TOKENIZER), "--modes", "homer-random"]
+    assert main(argv + ["--lengths", "4", "--samples", "3", "--explain", "--json"]) == 0
+    captured = capsys.readouterr()
+    failed = [b for b in captured.err.split("  homer-random: sample ")[1:] if "failed" in b.splitlines()[0]]
+    row = json.loads(captured.out)
+    assert len(failed) == 3 - row["correct"] > 0
+    for block in failed:
+        lines = [line.strip() for line in block.splitlines()[1:] if line.startswith("    ")]
+        assert lines[0].startswith("node L0.") and lines[-1].startswith("final cache: ")
+        final = lines[-1].removeprefix("final cache: ").split(";")[0].split(" | ")
+        assert len(final) == 2 and all(len(c) == 5 and set(c) <= set("0123456789_") for c in final)
+
+
+def test_sample_document_decodes_no_more_than_asked(tiny_hf_model):
+    """A model with a long trained context is asked for a short document: the stories are cut to what is missing
+    (it used to decode up to trained - 1 tokens per story whatever the length)."""
+    from homer_ref.cli.eval import sample_document
+
+    model_dir, _ = tiny_hf_model(vocab_size=288, num_hidden_layers=2, max_position_embeddings=8192)
+    model = load_model(model_dir)
+    calls = []
+    real = model.forward_cached
+    model.forward_cached = lambda *a, **k: calls.append(1) or real(*a, **k)
+    ids = sample_document(model, 40, seed=0, bos=1, stop=(2,))
+    assert len(ids) == 40 and ids[0] == 1
+    assert len(calls) <= 40  # one forward per sampled token (and per story's BOS)
 
 
 def test_perplexity_scores_every_token_once_in_every_mode(tiny, capsys):

@@ -9,16 +9,23 @@
 """
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 from helpers import (
+    ROOT,
     STORIES_DIR,
     assert_close,
     build_bad_inputs,
     hf_logits,
+    hf_to_gguf_rows,
     llama2c_to_hf_dir,
+    make_hf_llama,
     our_logits,
+    write_tiny_gguf,
 )
 from safetensors import safe_open
 
@@ -243,3 +250,79 @@ def test_bad_input_raises_an_error_naming_the_culprit(bad_inputs, name):
     assert "\n" not in message, f"multi-line message: {message!r}"
     for fragment in case.names:
         assert fragment in message, f"{name}: {fragment!r} not in {message!r}"
+
+
+# ----------------------------------------------------------------------------------------------- loading memory
+
+# The peak resident set of loading a checkpoint, measured in a fresh process from just after `import torch`.
+LOAD_PEAK = """
+import resource, sys, torch
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+from homer_ref import load_model
+model = load_model(sys.argv[1], dtype=getattr(torch, sys.argv[2]))
+weights = sum(p.numel() * p.element_size() for p in model.parameters())
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) * 1024 / weights)
+"""
+# A model built with random initialisation and then overwritten, or a file read whole beside its copy, peaks at
+# 2x the weights or more (2.4x-2.9x measured before the loaders were made lazy); one tensor at a time beside the
+# model, ~1.1-1.25x here. Fixed costs (homer_ref's and gguf's imports, ~15 MB) are ~0.1x of these ~130 MB models.
+LOAD_PEAK_RATIO = 1.5
+MID = dict(vocab_size=8192, hidden_size=512, intermediate_size=1408, num_hidden_layers=8, num_attention_heads=8,
+           num_key_value_heads=4, head_dim=64, max_position_embeddings=512)  # fmt: skip  # ~30M parameters
+
+
+def write_llama2c(path, hf) -> None:
+    """`hf` (a float32 transformers Llama with a tied head) as a llama2.c legacy .bin, written from its README's
+    order: header, embedding, per-layer arrays (q/k in Meta's interleaved pairs), final norm, RoPE tables."""
+    import struct
+
+    import numpy as np
+
+    cfg, sd = hf.config, {k: v.numpy() for k, v in hf.state_dict().items()}
+    L, Hq, Hkv = cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads
+    header = (cfg.hidden_size, cfg.intermediate_size, L, Hq, Hkv, cfg.vocab_size, cfg.max_position_embeddings)
+    rows = {"self_attn.q_proj.weight": Hq, "self_attn.k_proj.weight": Hkv}
+    order = ["input_layernorm.weight", "self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight",
+             "self_attn.o_proj.weight", "post_attention_layernorm.weight", "mlp.gate_proj.weight",
+             "mlp.down_proj.weight", "mlp.up_proj.weight"]  # fmt: skip
+    with open(path, "wb") as f:
+        f.write(struct.pack("<7i", *header))
+        f.write(sd["model.embed_tokens.weight"].astype("<f4").tobytes())
+        for name in order:
+            for i in range(L):
+                w = sd[f"model.layers.{i}.{name}"]
+                f.write((hf_to_gguf_rows(w, rows[name]) if name in rows else w).astype("<f4").tobytes())
+        f.write(sd["model.norm.weight"].astype("<f4").tobytes())
+        f.write(np.zeros(2 * cfg.max_position_embeddings * cfg.head_dim // 2, dtype="<f4").tobytes())
+
+
+@pytest.fixture(scope="module")
+def mid_checkpoints(tmp_path_factory):
+    """One random ~120 MB (float32) Llama in every format: HF (float32 and bf16), llama2.c .bin, Q8_0 GGUF."""
+    pytest.importorskip("gguf")
+    root = tmp_path_factory.mktemp("mid")
+    hf = make_hf_llama(root / "hf", tie_word_embeddings=True, **MID)
+    make_hf_llama(root / "hf_bf16", tie_word_embeddings=True, save_dtype=torch.bfloat16, **MID)
+    write_llama2c(root / "model.bin", hf)
+    write_tiny_gguf(root / "model.gguf", hf, "Q8_0")
+    return {"hf": root / "hf", "hf_bf16": root / "hf_bf16", "llama2c": root / "model.bin", "gguf": root / "model.gguf"}
+
+
+@pytest.mark.parametrize(
+    "fmt, dtype",
+    [
+        ("hf", "float32"),
+        ("hf_bf16", "float32"),
+        ("llama2c", "float32"),
+        ("gguf", "float32"),
+        ("hf", "bfloat16"),
+    ],  # fmt: skip
+)
+def test_loading_peaks_near_the_weights(mid_checkpoints, fmt, dtype):
+    """Loading holds one copy of the model (built on the meta device, tensors assigned one at a time), not two."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-c", LOAD_PEAK, str(mid_checkpoints[fmt]), dtype], env=env,
+                          capture_output=True, text=True, timeout=300, check=False)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    ratio = float(proc.stdout)
+    assert ratio <= LOAD_PEAK_RATIO, f"{fmt} loaded as {dtype} peaked at {ratio:.2f}x its weights"

@@ -7,6 +7,7 @@ model's known answer to a question. The model is loaded once per module (135M pa
 """
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -19,6 +20,7 @@ from homer_ref.cli.eval import main as eval_main
 from homer_ref.cli.generate import main as generate_main
 from homer_ref.cli.trace import main as trace_main
 from homer_ref.loading import checkpoint_names, load_config, save_hf
+from homer_ref.tasks import passkey
 
 # Real English prose (written for this test), long enough for >= 300 tokens.
 ENGLISH = (
@@ -189,13 +191,39 @@ def test_homer_reads_a_long_chat_prompt(smollm2, loaded_once, capsys):
     assert "chest" in out, out
 
 
+def test_passkey_prompts_in_the_models_own_tokens(smollm2):
+    """Passkey prompts fit the requested length in SmolLM2's own tokens, with or without the chat template; the
+    chat prompt is the template's turn with the reply primed; `digit_slots` are exactly the tokens covering the
+    passkey's characters, found from the `tokenizers` library's own offsets (one token per digit: SmolLM2 splits
+    digits, so 10 slots for the two copies)."""
+    _, _, tok = smollm2
+    opening, closing = tok.chat_affixes()
+    for chat in (False, True):
+        for prompt in passkey.passkey_prompts(tok, 600, 3, seed=4, chat=chat):
+            assert len(prompt.ids) == 600 - passkey.ANSWER_ROOM
+            text = tok.decode(prompt.context)
+            spans = [(m.start(), m.end()) for m in re.finditer(str(prompt.passkey), text)]
+            offsets = tok._tk.encode(text, add_special_tokens=False).offsets  # the library's character spans
+            assert tok._tk.encode(text, add_special_tokens=False).ids == prompt.context
+            covering = [i for i, (a, b) in enumerate(offsets) if any(a < e and s < b for s, e in spans)]
+            assert len(spans) == 2 and prompt.digit_slots == covering and len(covering) == 10
+            assert [tok.decode([prompt.context[i]]) for i in prompt.copies()[0]] == list(str(prompt.passkey))
+            whole = tok._tk.decode(prompt.ids, skip_special_tokens=False)
+            if chat:  # one user turn (the template's own rendering), then the reply primed with the answer's start
+                user = whole.removeprefix(opening).partition(closing)[0]
+                assert whole == tok.apply_chat([{"role": "user", "content": user}]) + passkey.ANSWER_START
+                assert user.endswith(" " + passkey.QUESTION_ASKED)
+            else:
+                assert whole.endswith(" . " + passkey.QUESTION) and not whole.startswith("<|im_start|>")
+
+
 def test_calibrate_trace_and_eval_accept_the_gguf(smollm2, loaded_once, tmp_path, capsys):
     """Smoke test each command on the GGUF file with tiny settings."""
     path, _, tok = smollm2
     text = tmp_path / "text.txt"
     text.write_text(ENGLISH, encoding="utf-8")
     bias = tmp_path / "bias.safetensors"
-    argv = ["--model", str(path), "--text", str(text), "--max-chunk-len", "32", "--samples", "2", "--out", str(bias)]
+    argv = ["--model", str(path), "--text", str(text), "--max-chunk-len", "64", "--samples", "2", "--out", str(bias)]
     assert calibrate_main(argv) == 0 and bias.is_file()
     ids = tok.encode(ENGLISH)
     data = {"prefix_ids": ids[:4], "context_ids": ids[4:120], "suffix_ids": ids[120:128]}
@@ -205,11 +233,14 @@ def test_calibrate_trace_and_eval_accept_the_gguf(smollm2, loaded_once, tmp_path
     assert trace_main(["--model", str(path), "--input", str(tmp_path / "in.json"), "--out", str(trace)]) == 0
     assert trace.is_file()
     argv = ["passkey", "--model", str(path), "--lengths", "0.03", "--samples", "1", "--modes", "plain,homer",
-            "--bias", str(bias), "--max-chunk-len", "32", "--json"]  # fmt: skip
+            "--bias", str(bias), "--max-chunk-len", "64", "--json"]  # fmt: skip  # the chat affixes: P + S = 40
     capsys.readouterr()
     assert eval_main(argv) == 0
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [r["mode"] for r in rows] == ["plain", "homer"] and all(r["samples"] == 1 for r in rows)
+    assert all(r["chat"] for r in rows)  # the tokenizer has a chat template: used by default
+    assert eval_main(argv[:3] + ["--lengths", "0.03", "--samples", "1", "--modes", "plain", "--no-chat", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["chat"] is False
     argv = ["perplexity", "--model", str(path), "--text", str(text), "--length", "0.03", "--modes", "plain,homer",
             "--bias", str(bias), "--max-chunk-len", "32", "--json"]  # fmt: skip
     assert eval_main(argv) == 0

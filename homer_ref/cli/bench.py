@@ -18,21 +18,38 @@ intermediate 688, vocabulary 8192 (~15M parameters).
 
 `--json` prints one JSON object (with peak_kv_ratio_16k, time_ratio_16k, forward_time_ratio_vs_hf);
 `--markdown` prints the README's tables.
+
+`--model PATH` measures a real checkpoint instead (any format `load_model` reads), at the `--lengths` asked
+(default 2048, 8192, 16384): for plain and HOMER (M = T = trained context / 2 unless given, uncalibrated: a bias
+changes which tokens are kept, not the cost) side by side, each in its own subprocess, the prefill's CPU and wall
+time, its peak RSS above the loaded model, the live KV (plain: the whole cache; HOMER: the traversal's measured
+peak) and the HOMER / plain ratios; how much loading the checkpoint peaked at against its weights (`load_ratio`,
+RSS measured in the subprocess from just after `import torch`); and `forward_time_ratio_vs_hf` at 2,048 tokens
+(HF's LlamaForCausalLM built from the same weights).
 """
 
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 
-from homer_ref.budget import check_fits, plain_bytes
-from homer_ref.cli.common import progress, run_main
+from homer_ref.budget import check_fits, kv_bytes, plain_bytes
+from homer_ref.cli.common import (
+    DTYPES,
+    current_rss,
+    parse_list,
+    parse_modes,
+    peak_rss,
+    progress,
+    reset_peak_rss,
+    run_main,
+)
 from homer_ref.data import STORIES260K
 from homer_ref.homer import homer_prefill
 from homer_ref.homer.plan import HomerConfig, Plan, plan
@@ -86,49 +103,63 @@ def plain_prefill(model: Llama, ids: list[int]) -> torch.Tensor:
     return model.logits(h[:, -1:])[0, -1]
 
 
-def _rss_kib() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+def load_for_bench(model_name: str, dtype: torch.dtype = torch.float32) -> Llama:
+    """The model a measurement runs on: the bench model, stories260K, or a checkpoint path."""
+    if model_name == "bench":
+        return random_model(BENCH)
+    from homer_ref.loading import load_model
+
+    return load_model(STORIES if model_name == "stories" else model_name, dtype=dtype)
 
 
-def measure_one(model_name: str, mode: str, n: int, M: int) -> dict:
-    """One prefill (in this process): time, live KV (token-layers) and peak-RSS growth."""
-    model = random_model(BENCH) if model_name == "bench" else _stories()
-    cfg = model.cfg
+def measure_one(model_name: str, mode: str, n: int, M: int, T: int | None = None, W: int | None = 0,
+                dtype: torch.dtype = torch.float32) -> dict:  # fmt: skip
+    """One prefill (in this process): CPU and wall time, live KV, and peak RSS above the loaded model; and what
+    loading the model peaked at above the process's RSS before it (the RSS marks are reset: `Measured`)."""
+    reset_peak_rss()
+    before = current_rss()
+    model = load_for_bench(model_name, dtype)
+    load_peak, loaded = peak_rss() - before, current_rss()
+    cfg, itemsize = model.cfg, model.embed_tokens.weight.element_size()
     prefix, context, suffix = input_ids(cfg, n)
-    config = HomerConfig(M, M, 0, "uncalibrated")
-    warm = input_ids(cfg, 2 * M)  # warm up kernels on a small input first
+    config = HomerConfig(M, T, W, "uncalibrated")
+    warm = input_ids(cfg, min(n, 2 * M))  # warm up kernels on a short input first
     homer_prefill(model, *warm, config)
-    rss0, cpu, wall, live = _rss_kib(), [], [], 0
+    cpu, wall, live, final = [], [], 0, 0
+    reset_peak_rss()
     while len(cpu) < 3 and sum(wall) < 2.0:  # short runs are repeated (best of up to 3); long ones run once
         c0, w0 = time.process_time(), time.perf_counter()
         if mode == "plain":
             plain_prefill(model, prefix + context + suffix)
-            live = n * cfg.num_hidden_layers
+            live = final = n * cfg.num_hidden_layers
         else:
             traversal = "depth_first" if mode == "homer_depth_first" else "level_order"
-            live = homer_prefill(model, prefix, context, suffix, config, traversal=traversal).peak_kv_token_layers
+            cache = homer_prefill(model, prefix, context, suffix, config, traversal=traversal)
+            live, final = cache.peak_kv_token_layers, len(cache.positions) * cfg.num_hidden_layers
+            del cache
         cpu.append(time.process_time() - c0)
         wall.append(time.perf_counter() - w0)
+    mib = 2**20
     return {
         "mode": mode,
         "length": n,
         "seconds": min(cpu),  # CPU time of this process: robust to other load on a shared machine
         "wall_seconds": min(wall),
-        "live_kv": live,
-        "rss_growth_mib": (_rss_kib() - rss0) / 1024,
+        "live_kv": live,  # token-layers
+        "live_kv_mib": kv_bytes(cfg, live, itemsize) / mib,
+        "final_kv_mib": kv_bytes(cfg, final, itemsize) / mib,
+        "rss_growth_mib": (peak_rss() - loaded) / mib,  # peak RSS above the loaded model
+        "weights_mib": sum(p.numel() * p.element_size() for p in model.parameters()) / mib,
+        "load_peak_mib": load_peak / mib,
     }
 
 
-def _stories() -> Llama:
-    from homer_ref.loading import load_model
-
-    return load_model(STORIES)
-
-
-def measure(model_name: str, mode: str, n: int, M: int) -> dict:
+def measure(model_name: str, mode: str, n: int, M: int, T: int | None = None, W: int | None = 0,
+            dtype: str = "float32") -> dict:  # fmt: skip
     """`measure_one` in a fresh subprocess (same torch thread count), so that its peak RSS is its own."""
-    cmd = [sys.executable, "-m", "homer_ref.bench", "--threads", str(torch.get_num_threads())]
-    cmd += ["--one", model_name, mode, str(n), str(M)]
+    cmd = [sys.executable, "-m", "homer_ref.bench", "--threads", str(torch.get_num_threads()), "--dtype", dtype]
+    cmd += [] if T is None else ["--target-len", str(T)]
+    cmd += ["--warmup-layers", "default" if W is None else str(W), "--one", model_name, mode, str(n), str(M)]
     out = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if out.returncode != 0:
         raise RuntimeError(f"benchmark subprocess failed: {out.stderr.strip().splitlines()[-1:]}")
@@ -174,8 +205,8 @@ def macs(cfg: LlamaConfig, p: Plan) -> dict[str, float]:
 # ----------------------------------------------------------------------------------------------- suites
 
 
-def forward_vs_hf(lengths: list[int], repeats: int) -> list[dict]:
-    """Time our forward and HF's LlamaForCausalLM on the same weights, alternating, median of `repeats`."""
+def forward_vs_hf(model: Llama, lengths: list[int], repeats: int) -> list[dict]:
+    """Time our forward and HF's LlamaForCausalLM on the same weights (float32), alternating, median of `repeats`."""
     try:
         from transformers import LlamaForCausalLM
     except ImportError:
@@ -183,17 +214,18 @@ def forward_vs_hf(lengths: list[int], repeats: int) -> list[dict]:
         return []
     from homer_ref.loading import save_hf
 
-    model = random_model(BENCH)
     with tempfile.TemporaryDirectory() as tmp:
         save_hf(model, tmp)
-        hf = LlamaForCausalLM.from_pretrained(tmp, attn_implementation="sdpa", torch_dtype=torch.float32).eval()
+        hf = LlamaForCausalLM.from_pretrained(tmp, attn_implementation="sdpa", dtype=model.embed_tokens.weight.dtype)
+    hf = hf.eval()
     rows = []
     for n in lengths:
-        x = torch.randint(3, BENCH.vocab_size, (1, n), generator=torch.Generator().manual_seed(n))
+        x = torch.randint(3, model.cfg.vocab_size, (1, n), generator=torch.Generator().manual_seed(n))
         ours_t, hf_t = [], []
         with torch.no_grad():
             ours_logits, hf_logits = model(x), hf(x, use_cache=False).logits  # warm-up, and a correctness check
             delta = (ours_logits - hf_logits).abs().max().item()
+            del ours_logits, hf_logits
             for _ in range(repeats):
                 t = time.process_time()
                 model(x)
@@ -207,8 +239,76 @@ def forward_vs_hf(lengths: list[int], repeats: int) -> list[dict]:
     return rows
 
 
+def model_suite(path: str, lengths: list[int], modes: list[str], M: int | None, T: int | None, W: int | None,
+                dtype: str, hf_repeats: int) -> dict:  # fmt: skip
+    """`--model PATH`: plain and HOMER prefill at each length, side by side, and our forward against HF's."""
+    from homer_ref.loading import load_config
+
+    cfg = load_config(path)
+    M = M or cfg.max_position_embeddings // 2
+    rows = []
+    for n in lengths:
+        row = {"length": n, "M": M, "T": T or M}
+        for mode in modes:
+            r = measure(path, mode, n, M, T, W, dtype)
+            label = "homer" if mode.startswith("homer") else mode
+            row |= {f"{label}_{k}": v for k, v in r.items() if k not in ("mode", "length")}
+            row |= {"weights_mib": r["weights_mib"], "load_peak_mib": r["load_peak_mib"]}
+            progress(
+                f"bench: {path} {mode} {n} tokens: {r['seconds']:.1f} s CPU ({r['wall_seconds']:.1f} s wall), peak RSS "
+                f"{r['rss_growth_mib']:.0f} MiB above the model, live KV {r['live_kv_mib']:.0f} MiB"
+            )
+        if len(modes) == 2:
+            row["time_ratio"] = row["homer_seconds"] / row["plain_seconds"]
+            row["rss_ratio"] = row["homer_rss_growth_mib"] / row["plain_rss_growth_mib"]
+            row["live_kv_ratio"] = row["homer_live_kv_mib"] / row["plain_live_kv_mib"]
+        rows.append(row)
+    loaded = rows[0]
+    result = {"model": path, "dtype": dtype, "M": M, "T": T or M, "W": "default" if W is None else W, "rows": rows}
+    result |= {"weights_mib": loaded["weights_mib"], "load_peak_mib": loaded["load_peak_mib"]}
+    result["load_ratio"] = loaded["load_peak_mib"] / loaded["weights_mib"]
+    result["forward_vs_hf"] = []
+    if hf_repeats:
+        model = load_for_bench(path, DTYPES[dtype])
+        result["forward_vs_hf"] = forward_vs_hf(model, [2048], hf_repeats)
+    hf_rows = result["forward_vs_hf"]
+    result["forward_time_ratio_vs_hf"] = hf_rows[-1]["ratio"] if hf_rows else None
+    return result
+
+
+def model_markdown(result: dict) -> str:
+    """The `--model` measurements as a table."""
+    out = [
+        f"**{result['model']}** ({result['dtype']}), HOMER M = {result['M']}, T = {result['T']}, W = {result['W']}, "
+        f"uncalibrated; weights {result['weights_mib']:.0f} MiB, loading peaked {result['load_peak_mib']:.0f} MiB "
+        f"above the process ({result['load_ratio']:.2f}x the weights)",
+        "",
+    ]
+    modes = [m for m in ("plain", "homer") if f"{m}_seconds" in result["rows"][0]]
+    header = ["tokens"]
+    for m in modes:
+        header += [f"{m} CPU s", f"{m} wall s", f"{m} peak RSS above model MiB", f"{m} live KV MiB"]
+    if len(modes) == 2:
+        header += ["time HOMER / plain", "peak RSS HOMER / plain", "live KV HOMER / plain"]
+    rows = []
+    for r in result["rows"]:
+        cells = [str(r["length"])]
+        for m in modes:
+            cells += [f"{r[f'{m}_seconds']:.1f}", f"{r[f'{m}_wall_seconds']:.1f}", f"{r[f'{m}_rss_growth_mib']:.0f}",
+                      f"{r[f'{m}_live_kv_mib']:.0f}"]  # fmt: skip
+        if len(modes) == 2:
+            cells += [f"{r['time_ratio']:.2f}", f"{r['rss_ratio']:.2f}", f"{r['live_kv_ratio']:.2f}"]
+        rows.append(cells)
+    out += _table(header, rows)
+    for r in result["forward_vs_hf"]:
+        out += ["", f"Forward pass at {r['length']} tokens: homer_ref {r['ours_s']:.2f} s, HF transformers "
+                f"{r['hf_s']:.2f} s CPU: forward_time_ratio_vs_hf = {r['ratio']:.2f} (max abs logit diff "
+                f"{r['max_abs_logit_diff']:.1e})"]  # fmt: skip
+    return "\n".join(out)
+
+
 def memory_and_time(lengths: list[int], M: int, model_name: str) -> list[dict]:
-    cfg = BENCH if model_name == "bench" else _stories().cfg
+    cfg = BENCH if model_name == "bench" else load_for_bench(model_name).cfg
     rows = []
     for n in lengths:
         row = {"model": model_name, "length": n, "M": M}
@@ -369,30 +469,69 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--threads", type=int, default=1, help="torch threads (default 1: CPU times stay comparable under load)"
     )
+    p.add_argument("--model", help="measure this checkpoint (HF directory, .gguf or .bin) instead of the suites")
+    p.add_argument("--lengths", default="2048,8192,16384", help="--model: prompt lengths in tokens")
+    p.add_argument("--modes", default="plain,homer", help="--model: plain, homer or both (default both)")
+    p.add_argument("--max-chunk-len", type=int, help="--model: HOMER's M (default: half the trained context)")
+    p.add_argument("--target-len", type=int, help="--model: HOMER's T (default: M)")
+    p.add_argument(
+        "--warmup-layers", default="default", help="--model: HOMER's W (default: the official scripts' rule)"
+    )
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="--model: dtype (default float32)")
+    p.add_argument("--hf-repeats", type=int, default=5, help="--model: timed HF comparisons (0: none)")
     p.add_argument("--one", nargs=4, metavar=("MODEL", "MODE", "N", "M"), help=argparse.SUPPRESS)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    W = None if args.warmup_layers == "default" else parse_list(args.warmup_layers, int, "warmup-layers")[0]
     if args.one:
         model_name, mode, n, M = args.one
-        if model_name not in ("bench", "stories") or mode not in ("plain", "homer_depth_first", "homer_level_order"):
-            raise ValueError(f"--one: unknown model {model_name!r} or mode {mode!r} (an internal option of bench)")
-        print(json.dumps(measure_one(model_name, mode, int(n), int(M))))
+        if model_name not in ("bench", "stories") and not Path(model_name).exists():
+            raise ValueError(f"--one: unknown model {model_name!r} (bench, stories or a model path)")
+        if mode not in ("plain", "homer_depth_first", "homer_level_order"):
+            raise ValueError(f"--one: unknown mode {mode!r} (an internal option of bench)")
+        n, M = parse_list(n, int, "one")[0], parse_list(M, int, "one")[0]
+        print(json.dumps(measure_one(model_name, mode, n, M, args.target_len, W, DTYPES[args.dtype])))
         return 0
     t0 = time.perf_counter()
+    machine = (
+        f"{os.cpu_count()} CPU cores, torch {torch.__version__}, {torch.get_num_threads()} thread(s); "
+        "times are CPU seconds of the measuring process"
+    )
+    if args.model is not None:
+        modes = parse_modes(args.modes, ("plain", "homer"))
+        lengths = parse_list(args.lengths, int, "lengths")
+        result = model_suite(
+            args.model,
+            lengths,
+            ["homer_depth_first" if m == "homer" else m for m in modes],
+            args.max_chunk_len,
+            args.target_len,
+            W,
+            args.dtype,
+            args.hf_repeats,
+        )
+        result |= {"machine": machine, "total_s": time.perf_counter() - t0}
+        if args.json:
+            print(json.dumps(result))
+        if args.markdown or not args.json:
+            print(f"Machine: {machine}. ({result['total_s']:.0f} s)\n\n" + model_markdown(result))
+        return 0
     lengths = [1024, 2048] if args.quick else [1024, 2048, 4096, 8192, 16384]
     result = {
-        "machine": f"{os.cpu_count()} CPU cores, torch {torch.__version__}, {torch.get_num_threads()} thread(s); "
-        "times are CPU seconds of the measuring process",
+        "machine": machine,
         "memory": memory_and_time(lengths, 512, "bench"),
         "stories": memory_and_time([1024, 2048, 4096] if not args.quick else [1024], 512, "stories")
         if STORIES.is_file()
         else [],
         "llama2_7b": llama2_7b_shape([4096, 8192, 16384, 32768, 65536]),
-        "forward_vs_hf": forward_vs_hf([512] if args.quick else [512, 2048], 3 if args.quick else 5),
+        "forward_vs_hf": forward_vs_hf(
+            random_model(BENCH), [512] if args.quick else [512, 2048], 3 if args.quick else 5
+        ),
     }
     last = result["memory"][-1]
     result["peak_kv_ratio_16k" if not args.quick else "peak_kv_ratio_last"] = last["peak_kv_ratio"]

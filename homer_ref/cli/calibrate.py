@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from homer_ref.cli.common import check_out, open_model, open_tokenizer, progress, run_main, save_atomic
+from homer_ref.cli.common import check_out, open_model, open_tokenizer, progress, rope_scaled, run_main, save_atomic
 from homer_ref.homer.calibration import calibrate, windows_from_ids
 
 
@@ -24,6 +24,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text", required=True, type=Path, help="UTF-8 text file to calibrate on")
     p.add_argument("--max-chunk-len", required=True, type=int, help="M: the table covers distances 0..M-1")
     p.add_argument("--samples", type=int, default=32, help="number of windows of M tokens (default 32)")
+    p.add_argument(
+        "--yarn",
+        type=float,
+        metavar="FACTOR",
+        help="calibrate the model with YaRN RoPE scaling by FACTOR, for HOMER with YaRN (eval's homer-yarn): YaRN "
+        "scales the attention logits, so the table differs (HOMER_SPEC.md I.1)",
+    )
     p.add_argument("--out", required=True, type=Path, help="output .safetensors file")
     return p
 
@@ -33,6 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.max_chunk_len < 1 or args.samples < 1:
         parser.error("--max-chunk-len and --samples must be >= 1")
+    if args.yarn is not None and not args.yarn >= 1:
+        parser.error(f"--yarn must be a factor >= 1, got {args.yarn}")
     try:
         text = args.text.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
@@ -43,6 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer = open_tokenizer(args.model, args.tokenizer)
     ids = tokenizer.encode(text, bos=False)
     model = open_model(args.model, tokenizer, check=lambda cfg: windows_from_ids(ids, args.max_chunk_len, args.samples))
+    if args.yarn is not None:
+        model = rope_scaled(model, "yarn", args.yarn)
     windows = windows_from_ids(ids, args.max_chunk_len, args.samples)
     t0 = time.perf_counter()
     total = torch.zeros(model.cfg.num_hidden_layers, args.max_chunk_len, dtype=torch.float64)

@@ -4,7 +4,9 @@
     python -m homer_ref.eval perplexity --model DIR_OR_BIN [--tokenizer FILE] [--json]
 
 Results go to stdout (a table, or with --json one JSON object per line with at least `task`, `mode`, `length`,
-`trained_context` and `accuracy` or `perplexity`); progress goes to stderr.
+`trained_context` and `accuracy` or `perplexity`, and what the cell cost: `seconds` (wall), `cpu_seconds`,
+`peak_rss_mib` (the process's peak resident set during the cell, its mark reset when the cell starts) and
+`rss_start_mib`); progress goes to stderr.
 
 Modes (the paper's baselines, HOMER_SPEC.md J, and its ablation of the pruning criterion, J.5):
     plain                plain inference past the trained context
@@ -13,16 +15,22 @@ Modes (the paper's baselines, HOMER_SPEC.md J, and its ablation of the pruning c
     homer                HOMER with the calibrated significance (bias table from the model directory or --bias)
     homer-uncalibrated   HOMER without the bias
     homer-random         HOMER pruning random tokens (seeded)
+    homer-yarn           (passkey only) HOMER on the model with YaRN by --homer-yarn-factor (default 2, as the
+                         official scripts), M defaulting to that many trained contexts less the answer's room, with
+                         its own bias table (--bias-yarn, from `calibrate --yarn`: YaRN scales the logits, I.1)
+    homer-yarn-uncalibrated  the same without the bias
     homer-no-pruning     (passkey only) a diagnostic, not HOMER: the chunks merge without pruning anything, so a
                          failure here is caused by the merging (chunk-local lower layers, overlapping positions)
     sliding              (perplexity only) a sliding window of the trained context
 
 Passkey (HOMER_SPEC.md H.3): prompts from `homer_ref.passkey` (BOS when the model adds one | filler with the
-passkey sentence at a stratified random depth | question; with --chat the chat template's opening joins the prefix
-and its closing the question), `length` tokens in all minus room for the answer; greedy decoding; correct
-when the first integer of the output is the passkey. The same prompts are used for every mode. HOMER gets
-prefix = BOS, context = the filler, suffix = the question, and by default M = T = the trained context minus the
-answer's room, so that every generated position stays inside the trained context. For HOMER rows, `digits_kept`
+passkey sentence at a stratified random depth | question), `length` tokens of the model's own tokenizer in all
+minus room for the answer; greedy decoding; correct when the first integer of the output is the passkey. When
+the tokenizer has a chat template the prompt is one user turn of it by default (its opening joins the prefix; the
+question, the template's closing and the reply's start "The pass key is" form the suffix); `--no-chat` gives the
+plain text. The same prompts are used for every mode. HOMER gets prefix = BOS (+ the template's opening),
+context = the filler, suffix = the question, and by default M = T = the trained context minus the answer's room,
+so that every generated position stays inside the trained context. For HOMER rows, `digits_kept`
 is the fraction of the passkey's digit tokens (both copies) still in the final cache and `copy_kept` the fraction
 of samples that kept at least one complete copy: read from HOMER's trace, they tell a pruning failure from a
 reading failure (`--explain` prints, per tree node, where a failed sample lost its digits).
@@ -33,28 +41,37 @@ end = 2·ev, 3·ev, ...: prefix = the first P tokens, suffix = the S tokens befo
 between, compressed by HOMER; the tokens [end, end+ev) are fed after the compact cache and each logit scores
 the next token. Every token from 1 to the end is predicted once. Only the parts that score tokens inside
 [--score-from, --score-to) are computed. Without --text the document is sampled from the model itself (stories
-of at most the trained context, each from BOS, seeded, concatenated; BOS and the stop tokens are the tokenizer's, or
-config.json's bos/eos_token_id for a model without one). Without --bias the `homer` mode
-calibrates on the document's first 2·ev tokens, which every scored token has already seen.
+of at most the trained context and of no more than is still missing, each from BOS, seeded, concatenated; BOS
+and the stop tokens are the tokenizer's, or config.json's bos/eos_token_id for a model without one). Without
+--bias the `homer` mode calibrates on the document's first 2·ev tokens, which every scored token has already
+seen.
 """
 
 import argparse
 import json
 import math
 import sys
-import time
-from dataclasses import replace
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from homer_ref.cli.common import DTYPES, open_model, open_tokenizer, progress, run_main
+from homer_ref.cli.common import (
+    DTYPES,
+    Measured,
+    open_model,
+    open_tokenizer,
+    parse_list,
+    parse_modes,
+    progress,
+    rope_scaled,
+    run_main,
+)
 from homer_ref.decoding import decode, greedy_batch
 from homer_ref.homer import HomerCache, continuation_logits, homer_generate, homer_prefill
 from homer_ref.homer.calibration import BIAS_FILE, calibrate_on_context, find_bias
 from homer_ref.homer.plan import HomerConfig
-from homer_ref.llama import Llama, RopeScaling
+from homer_ref.llama import Llama
 from homer_ref.loading import Tokenizer
 from homer_ref.loading.tokenizer import config_special_ids
 from homer_ref.tasks import passkey
@@ -64,46 +81,18 @@ HOMER_MODES = {
     "homer": "calibrated",
     "homer-uncalibrated": "uncalibrated",
     "homer-random": "random",
+    "homer-yarn": "calibrated",  # HOMER on the model with YaRN (--homer-yarn-factor), its own table (--bias-yarn)
+    "homer-yarn-uncalibrated": "uncalibrated",
     "homer-no-pruning": "none",  # a diagnostic, not HOMER: merging alone, nothing pruned
 }
+YARN_HOMER_MODES = ("homer-yarn", "homer-yarn-uncalibrated")
 PASSKEY_MODES = ROPE_MODES + tuple(HOMER_MODES)
-PERPLEXITY_MODES = ROPE_MODES + ("sliding",) + tuple(m for m in HOMER_MODES if m != "homer-no-pruning")
+PASSKEY_DEFAULT_MODES = tuple(m for m in PASSKEY_MODES if m not in YARN_HOMER_MODES)  # these need a YaRN table
+PASSKEY_ONLY = YARN_HOMER_MODES + ("homer-no-pruning",)
+PERPLEXITY_MODES = ROPE_MODES + ("sliding",) + tuple(m for m in HOMER_MODES if m not in PASSKEY_ONLY)
 
 
 # ----------------------------------------------------------------------------------------------- shared
-
-
-def rope_scaled(model: Llama, mode: str, factor: float) -> Llama:
-    """The same weights with RoPE scaling `mode` (linear | dynamic | yarn) by `factor`; `model` itself if none."""
-    if mode == "plain" or factor <= 1:
-        return model
-    trained = model.cfg.max_position_embeddings
-    scaling = RopeScaling(mode, factor=float(factor), original_max_position_embeddings=trained)
-    cfg = replace(model.cfg, rope_scaling=scaling)
-    with torch.device("meta"):
-        scaled = Llama(cfg)
-    scaled.load_state_dict(model.state_dict(), assign=True)
-    if cfg.tie_word_embeddings:
-        scaled.lm_head.weight = scaled.embed_tokens.weight
-    return scaled.eval().requires_grad_(False)
-
-
-def parse_list(text: str, kind, name: str) -> list:
-    try:
-        values = [kind(v) for v in text.split(",") if v.strip()]
-    except ValueError as e:
-        raise ValueError(f"--{name}: expected a comma-separated list, got {text!r}") from e
-    if not values:
-        raise ValueError(f"--{name}: empty list")
-    return values
-
-
-def parse_modes(text: str, allowed: tuple[str, ...], name: str = "modes") -> list[str]:
-    modes = parse_list(text, str, name)
-    bad = [m for m in modes if m not in allowed]
-    if bad:
-        raise ValueError(f"--{name}: unknown mode {bad[0]!r}; choose from {', '.join(allowed)}")
-    return list(dict.fromkeys(modes))
 
 
 class Emitter:
@@ -142,49 +131,76 @@ def surviving_context(cache: HomerCache) -> list[int]:
     return [i for part, i in cache.slot_sources() if part == "context"]
 
 
-def explain(cache: HomerCache, prompt: passkey.PasskeyPrompt) -> str:
-    """Which passkey digits each tree node kept: a readable account of where a HOMER sample lost the passkey."""
-    digits = set(prompt.digit_slots)
+def copy_text(tok: Tokenizer, prompt: passkey.PasskeyPrompt, copy: list[int], present, kept) -> str:
+    """One copy of the passkey as a node saw it: its digits where kept, '_' where removed, '.' where not present."""
+    out = []
+    for i in copy:
+        text = tok.decode([prompt.context[i]]).strip()
+        out.append(text if i in kept else ("_" if i in present else ".") * len(text))
+    return "".join(out)
+
+
+def explain(tok: Tokenizer, cache: HomerCache, prompt: passkey.PasskeyPrompt, answer: str) -> str:
+    """Which passkey digits each tree node held and kept (with the ranks of the removed ones), and the final cache:
+    where a HOMER sample lost the passkey, or that it kept a copy and misread it."""
+    P, C = len(prompt.prefix), len(prompt.context)
     lines = []
     for t in cache.nodes:  # execution order: a node's children come before it
-        parts = [cache.plan.part(int(s)) for s in t.input_sources]
-        held = [j for j, (part, i) in enumerate(parts) if part == "context" and i in digits]
-        if not held:
+        sources = t.input_sources.tolist()
+        slot = {s - P: j for j, s in enumerate(sources) if P <= s < P + C}  # context index -> input slot
+        present = {i for i in prompt.digit_slots if i in slot}
+        if not present:
             continue
-        lost = sorted(set(held) - set(t.kept.tolist()))
+        kept = {sources[j] - P for j in t.kept.tolist()} & present
+        copies = [copy_text(tok, prompt, c, present, kept) for c in prompt.copies()]
         ranks = ""
-        if t.scores is not None and lost:
-            order = torch.argsort(t.scores, descending=True).tolist()  # rank 0: the most significant
+        if t.scores is not None and present - kept:
+            order = torch.argsort(t.scores, descending=True, stable=True).tolist()  # rank 0: the most significant
             rank = {j: r for r, j in enumerate(order)}
-            ranks = " ranks " + ",".join(str(rank[j]) for j in lost) + f" of {len(parts)} (kept {len(t.kept)})"
+            lost = ",".join(str(rank[slot[i]]) for i in sorted(present - kept))
+            ranks = f"; removed at ranks {lost} of {len(sources)} (kept {len(t.kept)})"
         lines.append(
-            f"    node L{t.level}.{t.index} layers {t.layers[0]}-{t.layers[1] - 1}: digits {len(held)} in, "
-            f"{len(held) - len(lost)} kept{ranks}"
+            f"    node L{t.level}.{t.index} layers {t.layers[0]}-{t.layers[1] - 1}: {' | '.join(copies)}"
+            f" ({len(kept)} of {len(present)} digit tokens kept{ranks})"
         )
+    final = set(surviving_context(cache))
+    copies = [copy_text(tok, prompt, c, set(prompt.digit_slots), final) for c in prompt.copies()]
+    lines.append(f"    final cache: {' | '.join(copies)}; answered {answer!r}")
     return "\n".join(lines)
 
 
-def passkey_homer(args, model: Llama, tok: Tokenizer, prompts, mode: str, M: int, bias) -> dict:
+def homer_settings(args, model: Llama, mode: str) -> tuple[Llama, int]:
+    """(the model HOMER runs on, M) for a HOMER mode: the model itself, M = the trained context less the answer's
+    room; for homer-yarn, the model with YaRN by --homer-yarn-factor, whose context is that many times longer."""
+    trained = model.cfg.max_position_embeddings
+    if mode not in YARN_HOMER_MODES:
+        return model, args.max_chunk_len or trained - passkey.ANSWER_ROOM
+    factor = args.homer_yarn_factor
+    return rope_scaled(model, "yarn", factor), args.max_chunk_len or round(factor * trained) - passkey.ANSWER_ROOM
+
+
+def passkey_homer(args, model: Llama, tok: Tokenizer, prompts, mode: str, bias) -> dict:
     """HOMER on every prompt: accuracy, and from the trace how many passkey digits survived (a pruning failure
     loses them; a reading failure keeps a complete copy and still answers wrong)."""
+    model, M = homer_settings(args, model, mode)
     config = HomerConfig(M, args.target_len, args.warmup_layers, HOMER_MODES[mode], args.seed)
     correct, kept_fraction, copies = 0, 0.0, 0
     for i, prompt in enumerate(prompts):
         cache = homer_prefill(model, prompt.prefix, prompt.context, prompt.suffix, config, bias=bias)
-        ok = passkey.score(tok.decode(homer_generate(model, cache, passkey.ANSWER_TOKENS)), prompt.passkey)
+        answer = tok.decode(homer_generate(model, cache, passkey.ANSWER_TOKENS))
+        ok = passkey.score(answer, prompt.passkey)
         correct += ok
         kept = set(surviving_context(cache)) & set(prompt.digit_slots)
         kept_fraction += len(kept) / max(1, len(prompt.digit_slots))
-        half = len(prompt.digit_slots) // 2
-        copies += any(set(c) <= kept for c in (prompt.digit_slots[:half], prompt.digit_slots[half:]))
+        copies += any(set(c) <= kept for c in prompt.copies())
         if args.explain and not ok:
-            progress(f"  {mode}: sample {i} (passkey {prompt.passkey}) failed\n{explain(cache, prompt)}")
+            progress(f"  {mode}: sample {i} (passkey {prompt.passkey}) failed\n{explain(tok, cache, prompt, answer)}")
         if (i + 1) % args.progress_every == 0:
             progress(f"  {mode}: {i + 1}/{len(prompts)} correct {correct}")
     n = len(prompts)
-    return {"correct": correct, "max_chunk_len": M, "target_len": args.target_len or M}  | {
-        "warmup_layers": cache.plan.W, "digits_kept": kept_fraction / n, "copy_kept": copies / n
-    }  # fmt: skip
+    row = {"correct": correct, "max_chunk_len": M, "target_len": args.target_len or M}
+    row |= {"warmup_layers": cache.plan.W, "digits_kept": kept_fraction / n, "copy_kept": copies / n}
+    return row | ({"rope_factor": args.homer_yarn_factor} if mode in YARN_HOMER_MODES else {})
 
 
 def passkey_rope(args, model: Llama, tok: Tokenizer, prompts, mode: str, factor: float) -> dict:
@@ -204,42 +220,63 @@ def passkey_rope(args, model: Llama, tok: Tokenizer, prompts, mode: str, factor:
     return {"correct": correct} | ({} if mode == "plain" else {"rope_factor": max(1.0, factor)})
 
 
+def passkey_biases(args, model_path: Path, model: Llama, modes: list[str]) -> dict[str, tuple]:
+    """(bias, where from) for the calibrated HOMER modes: `homer` from --bias or the model directory's table,
+    `homer-yarn` from --bias-yarn (a table made with YaRN active: YaRN scales the logits, HOMER_SPEC.md I.1)."""
+    biases = {}
+    if "homer" in modes:
+        biases["homer"] = find_bias(model_path, homer_settings(args, model, "homer")[1], args.bias)
+        if biases["homer"][0] is None:
+            raise ValueError(
+                f"mode 'homer' needs a calibration table: none beside {model_path} and no --bias; compute one with "
+                "`python -m homer_ref.calibrate` or use the modes homer-uncalibrated / homer-random"
+            )
+    if "homer-yarn" in modes:
+        if args.bias_yarn is None:
+            raise ValueError(
+                "mode 'homer-yarn' needs a calibration table made with YaRN active: compute one with `python -m "
+                f"homer_ref.calibrate --yarn {args.homer_yarn_factor:g}` and pass it as --bias-yarn, or use the mode "
+                "homer-yarn-uncalibrated"
+            )
+        biases["homer-yarn"] = find_bias(model_path, homer_settings(args, model, "homer-yarn")[1], args.bias_yarn)
+    return biases
+
+
 def run_passkey(args) -> int:
     model_path = Path(args.model)
     lengths = parse_list(args.lengths, float, "lengths")
     modes = parse_modes(args.modes, PASSKEY_MODES)
     tok = open_tokenizer(args.model, args.tokenizer)
+    chat = tok.chat_template is not None if args.chat is None else args.chat
+    if chat and tok.chat_template is None:
+        raise ValueError(f"--chat: tokenizer {tok.path} has no chat template; drop --chat")
     model = open_model(args.model, tok, DTYPES[args.dtype])
     trained = model.cfg.max_position_embeddings
-    # M leaves room for the answer, as the prompt does: every generated position stays inside the trained context.
-    M = args.max_chunk_len or trained - passkey.ANSWER_ROOM
-    bias, bias_source = find_bias(model_path, M, args.bias) if "homer" in modes else (None, "")
-    if "homer" in modes and bias is None:
-        raise ValueError(
-            f"mode 'homer' needs a calibration table: none beside {model_path} and no --bias; compute one with "
-            "`python -m homer_ref.calibrate` or use the modes homer-uncalibrated / homer-random"
-        )
+    biases = passkey_biases(args, model_path, model, modes)
     out = Emitter(args.json)
+    M = homer_settings(args, model, "homer")[1]
     progress(
         f"passkey: model {model_path} (trained context {trained}), lengths {args.lengths} x {trained}, "
-        f"modes {','.join(modes)}, {args.samples} samples, seed {args.seed}, HOMER M={M} T={args.target_len or M} "
+        f"modes {','.join(modes)}, {args.samples} samples, seed {args.seed}, "
+        f"{'chat template' if chat else 'no chat template'}, HOMER M={M} T={args.target_len or M} "
         f"W={'default' if args.warmup_layers is None else args.warmup_layers}"
-        + (f", bias {bias_source}" if bias_source else "")
+        + "".join(f", {mode} bias {where}" for mode, (_, where) in biases.items())
     )
     for multiple in lengths:
         length = round(multiple * trained)
-        prompts = passkey.passkey_prompts(tok, length, args.samples, args.seed, args.instruction, args.chat)
+        prompts = passkey.passkey_prompts(tok, length, args.samples, args.seed, args.instruction, chat)
         for mode in modes:
-            t0 = time.perf_counter()
-            if mode in HOMER_MODES:
-                result = passkey_homer(args, model, tok, prompts, mode, M, bias if mode == "homer" else None)
-            else:
-                result = passkey_rope(args, model, tok, prompts, mode, length / trained)
+            with Measured() as cost:
+                if mode in HOMER_MODES:
+                    result = passkey_homer(args, model, tok, prompts, mode, biases.get(mode, (None,))[0])
+                else:
+                    result = passkey_rope(args, model, tok, prompts, mode, length / trained)
             row = {"task": "passkey", "mode": mode, "length": length, "trained_context": trained}
             row |= {"accuracy": result["correct"] / len(prompts), "samples": len(prompts), "seed": args.seed}
-            row |= result | {"seconds": round(time.perf_counter() - t0, 2)}
+            row |= {"prompt_tokens": max(len(p.ids) for p in prompts), "chat": chat} | result | cost.row()
             progress(
                 f"passkey {mode} {length} ({length / trained:g}x): accuracy {row['accuracy']:.3f} in {row['seconds']} s"
+                f", peak RSS {row['peak_rss_mib']} MiB"
             )
             out.emit(row)
     out.finish("accuracy")
@@ -251,16 +288,17 @@ def run_passkey(args) -> int:
 
 @torch.no_grad()
 def sample_document(model: Llama, n_tokens: int, seed: int, bos: int, stop: tuple[int, ...]) -> list[int]:
-    """A text of `n_tokens` ids sampled from the model itself: stories from BOS, each within the trained context."""
+    """A text of `n_tokens` ids sampled from the model itself: stories from BOS, each within the trained context and
+    none longer than what is still missing (a model with a long context is never asked for more than `n_tokens`)."""
     ids, story = [], 0
     trained = model.cfg.max_position_embeddings
     while len(ids) < n_tokens:
         logits, cache = model.forward_cached(torch.tensor([[bos]], device=model.embed_tokens.weight.device))
-        new = decode(
-            model, logits[0, -1], cache, 1, trained - 1, temperature=1.0, seed=seed * 100003 + story, stop_ids=stop
-        )
+        wanted = min(trained, n_tokens - len(ids)) - 1  # new tokens after this story's BOS
+        new = decode(model, logits[0, -1], cache, 1, wanted, temperature=1.0, seed=seed * 100003 + story, stop_ids=stop)
         ids += [bos] + [t for t in new if t not in stop]
         story += 1
+        progress(f"  sampled {min(len(ids), n_tokens)}/{n_tokens} tokens ({story} stories)")
     return ids[:n_tokens]
 
 
@@ -364,8 +402,8 @@ def run_perplexity(args) -> int:
     )
     out = Emitter(args.json)
     for mode in modes:
-        t0 = time.perf_counter()
-        scored = perplexity_nll(args, model, ids, mode, bias if mode == "homer" else None, lo, hi)
+        with Measured() as cost:
+            scored = perplexity_nll(args, model, ids, mode, bias if mode == "homer" else None, lo, hi)
         row = {
             "task": "perplexity",
             "mode": mode,
@@ -376,8 +414,7 @@ def run_perplexity(args) -> int:
             "score_to": hi,
             "tokens_scored": len(scored),
             "document": source,
-            "seconds": round(time.perf_counter() - t0, 2),
-        }
+        } | cost.row()
         if mode in HOMER_MODES:
             W = args.warmup_layers  # None: the plan's default rule, recorded per segment in `warmup_layers`
             row |= {
@@ -429,16 +466,30 @@ def build_parser() -> argparse.ArgumentParser:
         "--model", default=str(passkey.SHIPPED_MODEL), help="HF directory, .gguf or .bin (default: the shipped model)"
     )
     pk.add_argument("--lengths", default="1,2,4,8", help="prompt lengths as multiples of the trained context")
-    pk.add_argument("--modes", default=",".join(PASSKEY_MODES), help=f"comma-separated: {', '.join(PASSKEY_MODES)}")
+    pk.add_argument(
+        "--modes",
+        default=",".join(PASSKEY_DEFAULT_MODES),
+        help=f"comma-separated: {', '.join(PASSKEY_MODES)} (default: all but the homer-yarn ones)",
+    )
     pk.add_argument("--samples", type=int, default=50, help="prompts per length (default 50)")
     pk.add_argument("--batch-size", type=int, default=8, help="prompts per batch for the plain modes (default 8)")
     pk.add_argument("--instruction", action="store_true", help="put the task's short instruction after BOS")
     pk.add_argument(
         "--chat",
-        action="store_true",
-        help="wrap each prompt in the model's chat template (opening with the prefix, closing with the question)",
+        action=argparse.BooleanOptionalAction,
+        help="wrap each prompt in the model's chat template: its opening joins the prefix, the question is asked "
+        "in the user turn and the reply starts 'The pass key is' (default: when the tokenizer has a template; "
+        "--no-chat for plain text)",
     )
     pk.add_argument("--explain", action="store_true", help="for each failed HOMER sample, where the digits went")
+    pk.add_argument(
+        "--homer-yarn-factor",
+        type=float,
+        default=2.0,
+        help="YaRN factor of the homer-yarn modes (default 2, the official scripts'); their M defaults to the "
+        "factor times the trained context, less the answer's room",
+    )
+    pk.add_argument("--bias-yarn", type=Path, help="calibration table of homer-yarn, made with calibrate --yarn")
     pk.add_argument("--progress-every", type=int, default=10, help="progress line every N HOMER samples")
     common(pk)
 

@@ -19,8 +19,10 @@ process (`open_gguf` keeps the reader), so checking the tokenizer and config bef
 """
 
 import functools
+import math
 from dataclasses import replace
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -28,7 +30,13 @@ import torch
 from homer_ref.llama import Llama, LlamaConfig
 from homer_ref.loading.config import CheckpointError, parse_config
 from homer_ref.loading.tokenizer import HFTokenizer, optional_import
-from homer_ref.loading.weights import build_model, check_file_fits, interleaved_to_half_split
+from homer_ref.loading.weights import (
+    LazyTensors,
+    build_model,
+    check_file_fits,
+    interleaved_to_half_split,
+    read_array,
+)
 
 GGUF_MAGIC = b"GGUF"
 ARCHITECTURE = "llama"
@@ -167,7 +175,8 @@ def gguf_config(path: Path) -> LlamaConfig:
     d = gguf_config_dict(Metadata(reader, path), set(tensors))
     if "rope_freqs.weight" in tensors:
         cfg = parse_config(d, str(path))
-        d["rope_scaling"] = llama3_scaling(dequantized(tensors["rope_freqs.weight"], path).reshape(-1), cfg, path)
+        freqs = dequantized(stored_tensor(tensors["rope_freqs.weight"]), path).reshape(-1)
+        d["rope_scaling"] = llama3_scaling(freqs, cfg, path)
     return parse_config(d, str(path))
 
 
@@ -214,31 +223,58 @@ def hf_name(name: str) -> str | None:
     return None
 
 
-def dequantized(tensor, path: Path) -> np.ndarray:
-    """One GGUF tensor as float32 [rows, columns] in HF's layout (GGUF lists dimensions innermost first)."""
+DEQUANTIZE_ROWS_BYTES = 1 << 22  # stored bytes dequantized at a time: bounds the transient float32 arrays
+
+
+class StoredTensor(NamedTuple):
+    """Where a GGUF tensor lies in its file and how it is stored: enough to read it without the reader."""
+
+    name: str
+    offset: int  # byte offset of its data in the file
+    dtype: np.dtype  # numpy dtype of the stored items (uint8 blocks for quantized types)
+    stored_shape: tuple[int, ...]  # shape of the stored items ([rows, bytes per row] for quantized types)
+    qtype: object  # gguf.GGMLQuantizationType
+    shape: tuple[int, ...]  # HF's layout: GGUF lists dimensions innermost first
+
+
+def stored_tensor(tensor) -> StoredTensor:
+    """The `StoredTensor` of one of a `gguf.GGUFReader`'s tensors."""
+    shape = tuple(int(n) for n in reversed(tensor.shape.tolist()))
+    return StoredTensor(tensor.name, int(tensor.data_offset), tensor.data.dtype, tensor.data.shape,
+                        tensor.tensor_type, shape)  # fmt: skip
+
+
+def dequantized(tensor: StoredTensor, path: Path) -> np.ndarray:
+    """One GGUF tensor as float32 in HF's layout.
+
+    The stored bytes are read from the file (`read_array`: the reader's memory map would keep them resident) and
+    dequantized a few rows at a time into the output, so that a large tensor's intermediates stay small."""
     from gguf.quants import dequantize
 
+    stored = read_array(path, tensor.offset, tensor.dtype, math.prod(tensor.stored_shape))
+    rows = stored.reshape(-1, tensor.stored_shape[-1]) if len(tensor.stored_shape) > 1 else stored.reshape(1, -1)
+    out = np.empty((rows.shape[0], math.prod(tensor.shape) // rows.shape[0]), dtype=np.float32)
+    step = max(1, DEQUANTIZE_ROWS_BYTES // max(1, rows[0].nbytes))
     try:
-        values = dequantize(tensor.data, tensor.tensor_type)
+        for start in range(0, rows.shape[0], step):
+            out[start : start + step] = dequantize(rows[start : start + step], tensor.qtype)
     except NotImplementedError as e:
         raise CheckpointError(
-            f"{path}: tensor '{tensor.name}' has quantization type {tensor.tensor_type.name}, which the installed "
+            f"{path}: tensor '{tensor.name}' has quantization type {tensor.qtype.name}, which the installed "
             "gguf package cannot dequantize; upgrade gguf or re-quantize the file (e.g. Q8_0, Q4_K)"
         ) from e
-    expected = tuple(int(n) for n in reversed(tensor.shape.tolist()))
-    if values.shape != expected:
-        values = values.reshape(expected)
-    values = values.astype(np.float32, copy=False)
-    return values if values.flags.writeable else values.copy()  # F32 tensors come back as views of the mapped file
+    return out.reshape(tensor.shape)
 
 
 def load_gguf(path: Path, dtype, device) -> Llama:
-    """A `Llama` from a Llama-architecture GGUF file, dequantized to `dtype` on `device`."""
-    reader = open_gguf(path)
+    """A `Llama` from a Llama-architecture GGUF file, dequantized to `dtype` on `device` one tensor at a time.
+
+    The reader is let go before the weights are read: its parsed metadata (a large vocabulary is ~10^5 small
+    arrays, ~160 MB for SmolLM2's) is not needed to read tensors, only where each one lies (`StoredTensor`)."""
     cfg = gguf_config(path)
     check_file_fits([path])
-    tensors = {}
-    for tensor in reader.tensors:
+    stored = {}  # HF name -> where the tensor lies
+    for tensor in open_gguf(path).tensors:
         if tensor.name == "rope_freqs.weight":  # read into the config (llama3 RoPE scaling)
             continue
         name = hf_name(tensor.name)
@@ -246,14 +282,20 @@ def load_gguf(path: Path, dtype, device) -> Llama:
             raise CheckpointError(
                 f"{path}: unexpected tensor '{tensor.name}' for a Llama (is it another architecture?)"
             )
-        w = dequantized(tensor, path)
+        stored[name] = stored_tensor(tensor)
+    _reader.cache_clear()  # parsed again (~1 s) if the tokenizer or config is asked for later
+
+    def read(name: str) -> torch.Tensor:  # one tensor, dequantized when `build_model` asks for it
+        tensor, w = stored[name], dequantized(stored[name], path)
         if name.endswith(("q_proj.weight", "k_proj.weight")):
             heads = cfg.num_attention_heads if name.endswith("q_proj.weight") else cfg.num_key_value_heads
             if w.ndim != 2 or w.shape[0] != heads * cfg.head_dim:
                 raise CheckpointError(f"{path}: tensor '{tensor.name}' has shape {w.shape}, not [{heads}*head_dim, D]")
-            w = interleaved_to_half_split(w, heads)
-        tensors[name] = torch.from_numpy(np.ascontiguousarray(w))
-    return build_model(cfg, tensors, str(path), dtype, device)
+            w = np.ascontiguousarray(interleaved_to_half_split(w, heads))
+        return torch.from_numpy(w)
+
+    shapes = {name: t.shape for name, t in stored.items()}
+    return build_model(cfg, LazyTensors(list(stored), read, shapes), str(path), dtype, device)
 
 
 # ----------------------------------------------------------------------------------------------- tokenizer

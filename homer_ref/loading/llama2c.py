@@ -15,7 +15,7 @@ import torch
 
 from homer_ref.llama import Llama, LlamaConfig
 from homer_ref.loading.config import CheckpointError, parse_config
-from homer_ref.loading.weights import build_model, check_file_fits, interleaved_to_half_split
+from homer_ref.loading.weights import LazyTensors, build_model, check_file_fits, interleaved_to_half_split, read_array
 
 _LLAMA2C_HEADER = struct.Struct("<7i")  # dim, hidden_dim, n_layers, n_heads, n_kv_heads, vocab_size, seq_len
 
@@ -57,8 +57,9 @@ def llama2c_config(path: Path) -> LlamaConfig:
 
 def load_llama2c(path: Path, dtype, device) -> Llama:
     check_file_fits([path])
-    data = path.read_bytes()
-    cfg, seq_len = _header_config(path, data)
+    with open(path, "rb") as f:
+        cfg, seq_len = _header_config(path, f.read(_LLAMA2C_HEADER.size))
+    size = path.stat().st_size
     L, Hq, Hkv, tied = cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.tie_word_embeddings
     V, D, Dh, F = cfg.vocab_size, cfg.hidden_size, cfg.head_dim, cfg.intermediate_size
     # The arrays in file order: (checkpoint name, or its per-layer suffix; shape; stored once per layer?).
@@ -79,23 +80,29 @@ def load_llama2c(path: Path, dtype, device) -> Llama:
     ]
     if not tied:
         layout.append(("lm_head.weight", [V, D], False))
-    offset, tensors = _LLAMA2C_HEADER.size, {}
+    offset, where = _LLAMA2C_HEADER.size, {}  # checkpoint name -> (byte offset, shape)
     for name, shape, per_layer in layout:
         count = math.prod(shape) * (L if per_layer else 1)
-        if offset + 4 * count > len(data):
+        if offset + 4 * count > size:
             raise CheckpointError(
                 f"{path}: truncated: the file ends inside tensor '{name}' "
-                f"(needs {offset + 4 * count} bytes, has {len(data)}); re-download or re-export it"
+                f"(needs {offset + 4 * count} bytes, has {size}); re-download or re-export it"
             )
-        array = np.frombuffer(data, dtype="<f4", count=count, offset=offset)
-        offset += 4 * count
         if per_layer:
-            for i, w in enumerate(array.reshape(L, *shape)):
-                if name in ("self_attn.q_proj.weight", "self_attn.k_proj.weight"):
-                    w = interleaved_to_half_split(w, Hq if name.startswith("self_attn.q") else Hkv)
-                tensors[f"model.layers.{i}.{name}"] = torch.from_numpy(w.copy())
+            for i in range(L):
+                where[f"model.layers.{i}.{name}"] = (offset + 4 * i * math.prod(shape), shape)
         elif not name.startswith("rope_"):
-            tensors[name] = torch.from_numpy(array.reshape(shape).copy())
-    if offset != len(data):
-        raise CheckpointError(f"{path}: {len(data) - offset} unexpected bytes after the last tensor")
-    return build_model(cfg, tensors, str(path), dtype, device)
+            where[name] = (offset, shape)
+        offset += 4 * count
+    if offset != size:
+        raise CheckpointError(f"{path}: {size - offset} unexpected bytes after the last tensor")
+
+    def read(name: str) -> torch.Tensor:  # one tensor, read when `build_model` asks for it
+        start, shape = where[name]
+        w = read_array(path, start, "<f4", math.prod(shape)).reshape(shape)
+        if name.endswith(("q_proj.weight", "k_proj.weight")):
+            w = interleaved_to_half_split(w, Hq if name.endswith("q_proj.weight") else Hkv)
+        return torch.from_numpy(np.ascontiguousarray(w))
+
+    shapes = {name: tuple(shape) for name, (_, shape) in where.items()}
+    return build_model(cfg, LazyTensors(list(where), read, shapes), str(path), dtype, device)

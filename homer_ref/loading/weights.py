@@ -5,9 +5,17 @@
 tensors to HF names and layouts and calls it. Nothing is ever unpickled. Every tensor is checked for its name,
 shape, dtype and finiteness (NaN/Inf, or overflow of the requested dtype), and a checkpoint too large for the
 memory available is refused before it is read (`budget.py`).
+
+Memory: a model is never built twice. Its parameters are created on the meta device (no memory, no random
+initialisation) and the checkpoint's tensors are assigned to them. The loaders hand `build_model` a `LazyTensors`
+map that reads (or dequantizes) one tensor when asked; `build_model` converts it to the requested dtype and lets
+the original go before asking for the next. So loading peaks at the weights in the requested dtype plus one
+tensor in its stored form, not at two copies of the model (files are read, not memory-mapped, where a mapping's
+pages would stay resident: `read_array`).
 """
 
 import json
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -57,39 +65,78 @@ def check_file_fits(paths: list[Path]) -> None:
     check_fits(needed, f"reading {paths[0].parent if len(paths) > 1 else paths[0]}", "use a machine with more memory")
 
 
-def build_model(cfg: LlamaConfig, tensors: dict[str, torch.Tensor], source: str, dtype, device) -> Llama:
-    """A `Llama` whose parameters are `tensors` (keyed by checkpoint name), every name and shape checked."""
+class LazyTensors(Mapping):
+    """Checkpoint name -> tensor, read only when asked for (and again each time): `load(name)` does the reading.
+    `shapes` (name -> shape, from the file's header) lets a shape be checked before anything is read."""
+
+    def __init__(self, names: list[str], load: Callable[[str], torch.Tensor], shapes: dict[str, tuple[int, ...]]):
+        self._names, self._load, self.shapes = list(names), load, shapes
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self._names:
+            raise KeyError(name)
+        return self._load(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+
+def read_array(path: Path, offset: int, dtype, count: int) -> np.ndarray:
+    """`count` items of `dtype` at byte `offset` of a file, read into a fresh array (no memory map, whose pages
+    would stay in the process's resident set for as long as it is mapped)."""
+    out = np.empty(count, dtype=dtype)
+    with open(path, "rb") as f:
+        f.seek(offset)
+        if f.readinto(memoryview(out).cast("B")) != out.nbytes:
+            raise CheckpointError(f"{path}: truncated: the file ends inside a tensor; re-download or re-export it")
+    return out
+
+
+def all_finite(t: torch.Tensor) -> bool:
+    """Whether every value of `t` is finite. A finite sum proves it without a mask the size of the tensor (whose
+    freed pages the allocator may keep: ~0.4x of a model's weights over a load); a non-finite sum (NaN/Inf, or a
+    sum that overflowed) is checked value by value."""
+    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
+
+
+def build_model(cfg: LlamaConfig, tensors: Mapping[str, torch.Tensor], source: str, dtype, device) -> Llama:
+    """A `Llama` whose parameters are `tensors` (keyed by checkpoint name), every name and shape checked.
+
+    `tensors` may be a `LazyTensors`: each tensor is then read once, converted to `dtype` on `device`, checked, and
+    released before the next is read (see the module docstring)."""
     names = checkpoint_names(cfg)
     ignorable = {"lm_head.weight"} if cfg.tie_word_embeddings else set()
     unexpected = sorted(k for k in tensors if k not in names.values() and k not in ignorable)
     unexpected = [k for k in unexpected if not k.endswith("rotary_emb.inv_freq")]  # old HF buffers: recomputed
     if unexpected:
         raise CheckpointError(f"{source}: unexpected tensor '{unexpected[0]}' ({len(unexpected)} in all) for {cfg}")
-    # Parameters are created without memory on the meta device for large models; small ones are built on the
-    # CPU, because initialising on meta imports torch's compiler stack (~2 s per process).
-    size = max(sum(t.numel() for t in tensors.values()), num_parameters(cfg))
-    with torch.device("meta" if size > 200_000_000 else "cpu"):
-        model = Llama(cfg)
+    missing = [theirs for theirs in names.values() if theirs not in tensors]
+    if missing:
+        raise CheckpointError(f"{source}: missing tensor '{missing[0]}'; is this a Llama checkpoint for this config?")
+    model = Llama(cfg, device="meta")  # parameters without memory or random initialisation, replaced below
     params = dict(model.named_parameters(remove_duplicate=False))
+
+    def check_shape(theirs: str, shape, expected) -> None:
+        if tuple(shape) != tuple(expected):
+            raise CheckpointError(f"{source}: tensor '{theirs}' has shape {tuple(shape)}, expected {tuple(expected)}")
+
+    if isinstance(tensors, LazyTensors):  # every shape, before a byte is read
+        for ours, theirs in names.items():
+            check_shape(theirs, tensors.shapes[theirs], params[ours].shape)
+    needed = sum(p.numel() for p in model.parameters()) * dtype.itemsize  # a tied head counted once
+    check_fits(needed, f"{source} in {dtype} on {device}", "load it in a smaller dtype or on a larger machine", device)
     state = {}
     for ours, theirs in names.items():
-        if theirs not in tensors:
-            raise CheckpointError(f"{source}: missing tensor '{theirs}'; is this a Llama checkpoint for this config?")
         t = tensors[theirs]
-        if tuple(t.shape) != tuple(params[ours].shape):
-            raise CheckpointError(
-                f"{source}: tensor '{theirs}' has shape {tuple(t.shape)}, expected {tuple(params[ours].shape)}"
-            )
+        check_shape(theirs, t.shape, params[ours].shape)
         if t.is_floating_point() is False:
             raise CheckpointError(f"{source}: tensor '{theirs}' has integer dtype {t.dtype}")
-    copies = [t for t in (tensors[theirs] for theirs in names.values()) if t.dtype != dtype or t.device != device]
-    needed = sum(t.numel() for t in copies) * dtype.itemsize
-    check_fits(needed, f"{source} in {dtype} on {device}", "load it in a smaller dtype or on a larger machine", device)
-    for ours, theirs in names.items():
-        t = tensors[theirs]
         state[ours] = t.to(dtype=dtype, device=device)
-        if not torch.isfinite(state[ours]).all():  # detected here, never propagated into logits
-            if torch.isfinite(t).all():
+        if not all_finite(state[ours]):  # detected here, never propagated into logits
+            if all_finite(t):
                 raise CheckpointError(
                     f"{source}: tensor '{theirs}' overflows {dtype} (values up to {t.abs().max().item():.3g}); "
                     "load it in float32 or bfloat16"
@@ -99,6 +146,7 @@ def build_model(cfg: LlamaConfig, tensors: dict[str, torch.Tensor], source: str,
                 f"{source}: tensor '{theirs}' holds {bad} NaN/Inf value(s); the checkpoint is corrupt: "
                 "re-download or re-export it"
             )
+        del t  # the stored form goes now (a lazy map keeps nothing): one tensor beside the model at a time
     if cfg.tie_word_embeddings:
         state["lm_head.weight"] = state["embed_tokens.weight"]
     model.load_state_dict(state, assign=True, strict=True)
@@ -107,10 +155,29 @@ def build_model(cfg: LlamaConfig, tensors: dict[str, torch.Tensor], source: str,
     return model.eval().requires_grad_(False)
 
 
-def _read_safetensors(path: Path, keys: list[str] | None = None) -> dict[str, torch.Tensor]:
+def with_config(model: Llama, cfg: LlamaConfig) -> Llama:
+    """The same parameters (shared, not copied) under another config of the same shapes, e.g. a RoPE scaling."""
+    ours = dict(model.named_parameters())  # a tied head appears once, as embed_tokens.weight
+    tensors = {theirs: ours[name] for name, theirs in checkpoint_names(cfg).items() if name in ours}
+    weight = model.embed_tokens.weight
+    return build_model(cfg, tensors, "with_config", weight.dtype, weight.device)  # same dtype and device: no copy
+
+
+def _safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every tensor in a safetensors file, from its header (nothing is read)."""
     try:
         with safe_open(str(path), framework="pt") as f:
-            return {k: f.get_tensor(k) for k in (keys if keys is not None else f.keys())}
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except (SafetensorError, OSError, RuntimeError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e}); re-save it or re-download it") from e
+
+
+def _read_safetensor(path: Path, key: str) -> torch.Tensor:
+    """One tensor of a safetensors file. The file is opened for this tensor alone: safetensors memory-maps it,
+    and the mapped pages it touched leave the resident set when it is closed."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return f.get_tensor(key)
     except (SafetensorError, OSError, RuntimeError, TypeError, ValueError) as e:
         raise CheckpointError(f"{path}: not a readable safetensors file ({e}); re-save it or re-download it") from e
 
@@ -134,8 +201,9 @@ def load_hf_dir(path: Path, dtype, device) -> Llama:
     cfg = hf_dir_config(path)
     index = path / "model.safetensors.index.json"
     if (path / "model.safetensors").is_file():
-        check_file_fits([path / "model.safetensors"])
-        tensors = _read_safetensors(path / "model.safetensors")
+        shards = [path / "model.safetensors"]
+        shapes = _safetensors_shapes(shards[0])
+        where = dict.fromkeys(shapes, shards[0])
     elif index.is_file():
         try:
             weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
@@ -143,15 +211,22 @@ def load_hf_dir(path: Path, dtype, device) -> Llama:
             raise CheckpointError(f"{index}: not a valid safetensors index (needs a 'weight_map' object)") from e
         if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
             raise CheckpointError(f"{index}: 'weight_map' must map tensor names to shard file names")
-        check_file_fits([path / shard for shard in sorted(set(weight_map.values()))])
-        tensors = {}
-        for shard in sorted(set(weight_map.values())):
-            tensors.update(_read_safetensors(path / shard, [k for k, v in weight_map.items() if v == shard]))
+        shards = [path / shard for shard in sorted(set(weight_map.values()))]
+        where, shapes = {}, {}
+        for shard in shards:
+            stored = _safetensors_shapes(shard)
+            where |= {k: shard for k, v in weight_map.items() if path / v == shard and k in stored}
+            shapes |= {k: stored[k] for k in stored if where.get(k) == shard}
+        listed = [k for k in weight_map if k not in where]
+        if listed:
+            raise CheckpointError(f"{weight_map[listed[0]]}: the index lists '{listed[0]}' but the shard lacks it")
     else:
         raise CheckpointError(
             f"{path}: no model.safetensors or model.safetensors.index.json (homer_ref never loads pickled "
             "pytorch_model.bin; convert it with save_pretrained(..., safe_serialization=True))"
         )
+    check_file_fits(shards)
+    tensors = LazyTensors(list(where), lambda key: _read_safetensor(where[key], key), shapes)
     return build_model(cfg, tensors, str(path), dtype, device)
 
 

@@ -33,7 +33,9 @@ SHIPPED_MODEL = PASSKEY_MODEL  # the model trained on this task
 ANSWER_ROOM = 8  # tokens a prompt leaves free below its length for the answer ("▁" + 5 digits + "▁." + EOS)
 ANSWER_TOKENS = 7  # tokens generated for an answer; the first integer in them is all that is scored
 INSTRUCTION = "Find the pass key in the text and remember it ."
-QUESTION = "What is the pass key ? The pass key is"
+QUESTION_ASKED = "What is the pass key ?"
+ANSWER_START = "The pass key is"  # in a chat prompt: the assistant's reply begins with it (the answer comes first)
+QUESTION = f"{QUESTION_ASKED} {ANSWER_START}"
 PASSKEY_DIGITS = 5
 
 
@@ -134,42 +136,77 @@ class PasskeyPrompt:
     context: list[int]
     suffix: list[int]
     passkey: int
-    digit_slots: list[int]  # indices into `context` of the passkey's digit tokens (both copies)
+    digit_slots: list[int]  # indices into `context` of the tokens holding the passkey's digits (both copies)
 
     @property
     def ids(self) -> list[int]:
         return self.prefix + self.context + self.suffix
 
+    def copies(self) -> tuple[list[int], list[int]]:
+        """The digit slots of each copy of the passkey ("The pass key is K . Do not forget K ."): both copies are
+        tokenized alike (the same neighbours), so each holds half of `digit_slots`."""
+        half = len(self.digit_slots) // 2
+        return self.digit_slots[:half], self.digit_slots[half:]
+
+
+def digit_tokens(tok, ids: list[int]) -> list[int]:
+    """Indices of the tokens in `ids` whose text holds a digit. In a passkey haystack (digit-free filler) these are
+    exactly the passkey's tokens, however the tokenizer cuts numbers: one token per digit (SmolLM2, the shipped
+    model), runs of up to three digits (Llama 3), or digits merged with a space ("▁4", GPT-2's " 482")."""
+    has_digit = {t: any(c.isdigit() for c in tok.decode([t])) for t in set(ids)}
+    return [i for i, t in enumerate(ids) if has_digit[t]]
+
 
 def encode_prompt(tok, prefix: str, context: str, suffix: str, passkey: int, chat: bool = False) -> PasskeyPrompt:
     """A sample's texts as token ids, split as HOMER reads them: BOS when the model adds one (+ the instruction) |
-    haystack | question. With `chat`, the chat template's opening joins the prefix and its closing the suffix
-    (`Tokenizer.chat_affixes`), and BOS is the template's own."""
+    haystack | question.
+
+    With `chat`, the prompt follows the model's chat template (`Tokenizer.chat_affixes`): its opening (system
+    prompt, user header; BOS is the template's own) joins the prefix, and the suffix is the question asked in the
+    user turn, the template's closing (end of turn, assistant header), then the start of the assistant's reply
+    (`ANSWER_START`), so that the reply's first tokens are the answer in chat and plain prompts alike."""
     opening, closing = tok.chat_affixes() if chat else ("", "")
-    context_ids = tok.encode(context, bos=False)
-    digits = {t for t in set(context_ids) if tok.decode([t]).strip().isdigit()}
+    if chat:
+        asked = suffix.removesuffix(ANSWER_START).rstrip()
+        suffix = asked + closing + (ANSWER_START if asked != suffix else "")
+    # The parts are encoded apart (HOMER reads them apart), so the spaces between them are written out: a
+    # byte-level BPE would otherwise glue "... ." to "What" (sentencepiece drops a leading space either way).
+    context_ids = tok.encode((" " if prefix else "") + context, bos=False)
     return PasskeyPrompt(
         tok.encode(opening + prefix, bos=False if chat else None),
         context_ids,
-        tok.encode(suffix + closing, bos=False),
+        tok.encode(" " + suffix, bos=False),
         passkey,
-        [i for i, t in enumerate(context_ids) if t in digits],
+        digit_tokens(tok, context_ids),
     )
 
 
 def passkey_prompts(
     tok, length: int, samples: int, seed: int, instruction: bool = False, chat: bool = False
 ) -> list[PasskeyPrompt]:
-    """`samples` prompts of `length - ANSWER_ROOM` tokens, depths stratified over [0, 1], all seeded.
+    """`samples` prompts of `length - ANSWER_ROOM` tokens of `tok`, depths stratified over [0, 1], all seeded.
 
-    `tok` is a `homer_ref.Tokenizer` (see `encode_prompt` for the split and `chat`). Lengths count the shipped
-    tokenizer's tokens (`count_tokens`): with another tokenizer the prompts are longer or shorter than `length`.
+    `tok` is a `homer_ref.Tokenizer` (see `encode_prompt` for the split and `chat`). The haystack is sized in the
+    shipped tokenizer's tokens (`count_tokens`); when `tok` cuts the prompt differently (a chat template's
+    affixes, another vocabulary), the sample is drawn again from the same seed with the haystack corrected by the
+    difference, so that every prompt of a length fits `length - ANSWER_ROOM` tokens of the model's own.
     """
+    wanted = length - ANSWER_ROOM
     prompts = []
     for s in range(samples):
-        rng = random.Random(f"passkey:{seed}:{length}:{s}")
-        depth = (s + rng.random()) / samples
-        prompts.append(encode_prompt(tok, *make_sample(rng, length - ANSWER_ROOM, depth, instruction), chat=chat))
+        budget, best = wanted, None
+        for _ in range(4):  # converges at once when the filler tokenizes as counted; else within a few draws
+            rng = random.Random(f"passkey:{seed}:{length}:{s}")
+            depth = (s + rng.random()) / samples
+            prompt = encode_prompt(tok, *make_sample(rng, budget, depth, instruction), chat=chat)
+            if len(prompt.ids) <= wanted and (best is None or len(prompt.ids) > len(best.ids)):
+                best = prompt
+            if len(prompt.ids) == wanted:
+                break
+            budget += wanted - len(prompt.ids)
+        if best is None:
+            raise ValueError(f"no passkey prompt of {length} tokens fits this tokenizer: use a longer length")
+        prompts.append(best)
     return prompts
 
 
