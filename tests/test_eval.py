@@ -99,7 +99,7 @@ def test_explain_follows_the_digits_through_the_tree(tiny, capsys):
 def test_sample_document_decodes_no_more_than_asked(tiny_hf_model):
     """A model with a long trained context is asked for a short document: the stories are cut to what is missing
     (it used to decode up to trained - 1 tokens per story whatever the length)."""
-    from homer_ref.cli.eval import sample_document
+    from homer_ref.tasks.perplexity import sample_document
 
     model_dir, _ = tiny_hf_model(vocab_size=288, num_hidden_layers=2, max_position_embeddings=8192)
     model = load_model(model_dir)

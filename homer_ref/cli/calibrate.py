@@ -9,8 +9,9 @@ from pathlib import Path
 
 import torch
 
-from homer_ref.cli.common import check_out, open_model, open_tokenizer, progress, rope_scaled, run_main, save_atomic
+from homer_ref.cli.common import check_out, open_model, open_tokenizer, progress, run_main, save_atomic
 from homer_ref.homer.calibration import calibrate, windows_from_ids
+from homer_ref.loading.weights import rope_scaled
 
 
 def build_parser() -> argparse.ArgumentParser:

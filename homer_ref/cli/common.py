@@ -14,16 +14,13 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import replace
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
-from homer_ref.llama import Llama, RopeScaling
 from homer_ref.loading import CheckpointError, check_tokenizer, load_config, load_model, load_tokenizer
 from homer_ref.loading.tokenizer import find_tokenizer_file
-from homer_ref.loading.weights import with_config
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -144,15 +141,6 @@ def peak_rss() -> int:
     """Bytes: the peak resident set since the last `reset_peak_rss` (or since the process started)."""
     hwm = _status_kib("VmHWM")
     return hwm * 1024 if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def rope_scaled(model: Llama, mode: str, factor: float) -> Llama:
-    """The same weights with RoPE scaling `mode` (linear | dynamic | yarn) by `factor`; `model` itself if none."""
-    if mode == "plain" or factor <= 1:
-        return model
-    trained = model.cfg.max_position_embeddings
-    scaling = RopeScaling(mode, factor=float(factor), original_max_position_embeddings=trained)
-    return with_config(model, replace(model.cfg, rope_scaling=scaling))
 
 
 def parse_list(text: str, kind, name: str) -> list:

@@ -54,7 +54,6 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from homer_ref.cli.common import (
     DTYPES,
@@ -64,17 +63,17 @@ from homer_ref.cli.common import (
     parse_list,
     parse_modes,
     progress,
-    rope_scaled,
     run_main,
 )
-from homer_ref.decoding import decode, greedy_batch
-from homer_ref.homer import HomerCache, continuation_logits, homer_generate, homer_prefill
+from homer_ref.decoding import greedy_batch
+from homer_ref.homer import HomerCache, homer_generate, homer_prefill
 from homer_ref.homer.calibration import BIAS_FILE, calibrate_on_context, find_bias
 from homer_ref.homer.plan import HomerConfig
 from homer_ref.llama import Llama
 from homer_ref.loading import Tokenizer
 from homer_ref.loading.tokenizer import config_special_ids
-from homer_ref.tasks import passkey
+from homer_ref.loading.weights import rope_scaled
+from homer_ref.tasks import passkey, perplexity
 
 ROPE_MODES = ("plain", "linear", "dynamic", "yarn")
 HOMER_MODES = {
@@ -286,74 +285,17 @@ def run_passkey(args) -> int:
 # ----------------------------------------------------------------------------------------------- perplexity
 
 
-@torch.no_grad()
-def sample_document(model: Llama, n_tokens: int, seed: int, bos: int, stop: tuple[int, ...]) -> list[int]:
-    """A text of `n_tokens` ids sampled from the model itself: stories from BOS, each within the trained context and
-    none longer than what is still missing (a model with a long context is never asked for more than `n_tokens`)."""
-    ids, story = [], 0
-    trained = model.cfg.max_position_embeddings
-    while len(ids) < n_tokens:
-        logits, cache = model.forward_cached(torch.tensor([[bos]], device=model.embed_tokens.weight.device))
-        wanted = min(trained, n_tokens - len(ids)) - 1  # new tokens after this story's BOS
-        new = decode(model, logits[0, -1], cache, 1, wanted, temperature=1.0, seed=seed * 100003 + story, stop_ids=stop)
-        ids += [bos] + [t for t in new if t not in stop]
-        story += 1
-        progress(f"  sampled {min(len(ids), n_tokens)}/{n_tokens} tokens ({story} stories)")
-    return ids[:n_tokens]
-
-
-def nll_of(logits: torch.Tensor, targets: list[int]) -> torch.Tensor:
-    """Per-token negative log-likelihood [T] (float64) of `targets` under logits [T, V]."""
-    target = torch.tensor(targets, device=logits.device)
-    return F.cross_entropy(logits.to(torch.float64), target, reduction="none")
-
-
 def perplexity_nll(args, model: Llama, ids: list[int], mode: str, bias, lo: int, hi: int) -> dict[int, float]:
-    """NLL of every scored target token t in [lo, hi) (t >= 1), keyed by t, for one mode."""
-    device = model.embed_tokens.weight.device
-    trained = model.cfg.max_position_embeddings
-    n = len(ids)
-    scored: dict[int, float] = {}
-
-    def score(first_target: int, logits: torch.Tensor) -> None:  # logits[j] predicts token first_target + j
-        targets = range(first_target, min(first_target + logits.shape[0], n))
-        wanted = [t for t in targets if lo <= t < hi]
-        if wanted:
-            rows = torch.tensor([t - first_target for t in wanted], device=device)
-            for t, v in zip(wanted, nll_of(logits[rows], [ids[t] for t in wanted]).tolist()):
-                scored[t] = v
-
-    def forward(start: int, stop: int, m: Llama = model) -> torch.Tensor:
-        return m(torch.tensor([ids[start:stop]], device=device))[0]
-
+    """NLL of every scored target token t in [lo, hi) (t >= 1), keyed by t, for one mode (`homer_ref.tasks.perplexity`)."""
     if mode in ROPE_MODES:
-        score(1, forward(0, n, rope_scaled(model, mode, n / trained)))
-    elif mode == "sliding":
-        W = args.window or trained
-        stride = args.stride or W // 2
-        score(1, forward(0, min(W, n)))  # the first window scores its own tokens
-        covered = min(W, n)  # targets 1..covered are scored
-        while covered < n - 1:  # then each window, `stride` further, scores the targets it adds
-            stop = min(covered + stride, n)
-            start = max(0, stop - W)
-            if covered + 1 < hi and stop >= lo:
-                score(covered + 1, forward(start, stop)[covered - start :])
-            covered = stop
-    else:  # the HOMER settings were resolved once, by `run_perplexity`
-        M, ev, P = args.max_chunk_len, args.segment_len, args.affix_len
-        S = P
-        config = HomerConfig(M, args.target_len, args.warmup_layers, HOMER_MODES[mode], args.seed)
-        if lo <= 2 * ev:
-            score(1, forward(0, min(2 * ev, n)))  # the official protocol scores the first 2*ev tokens plainly
-        for end in range(2 * ev, n, ev):  # the part fed [end, end+ev) scores targets end+1 .. end+ev
-            if end + 1 >= hi:
-                break
-            if end + ev < lo:
-                continue
-            cache = homer_prefill(model, ids[:P], ids[P : end - S], ids[end - S : end], config, bias=bias)
-            score(end + 1, continuation_logits(model, cache, ids[end : end + ev]))
-            progress(f"  {mode}: segment [{end}, {min(end + ev, n)}) of {n}: {len(cache.positions)} cached slots")
-    return scored
+        return perplexity.nll_plain(model, ids, lo, hi, rope=mode)
+    if mode == "sliding":
+        window = args.window or model.cfg.max_position_embeddings
+        return perplexity.nll_sliding(model, ids, lo, hi, window, args.stride or window // 2)
+    # the HOMER settings were resolved once, by `run_perplexity`
+    config = HomerConfig(args.max_chunk_len, args.target_len, args.warmup_layers, HOMER_MODES[mode], args.seed)
+    report = lambda message: progress(f"  {mode}:{message[1:]}")  # noqa: E731
+    return perplexity.nll_homer(model, ids, lo, hi, config, args.segment_len, args.affix_len, bias, report)
 
 
 def run_perplexity(args) -> int:
@@ -381,7 +323,8 @@ def run_perplexity(args) -> int:
     else:
         progress(f"perplexity: sampling a {n}-token document from the model (seed {args.seed})")
         stop = tuple(i for i in (bos, eos) + (tok.stop_ids if tok is not None else ()) if i is not None)
-        ids, source = sample_document(model, n, args.seed, bos, stop), f"sampled from the model, seed {args.seed}"
+        ids = perplexity.sample_document(model, n, args.seed, bos, stop, progress)
+        source = f"sampled from the model, seed {args.seed}"
     lo = args.score_from if args.score_from is not None else n // 2
     hi = args.score_to if args.score_to is not None else n
     if not 1 <= lo < hi <= n:

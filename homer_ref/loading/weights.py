@@ -16,6 +16,7 @@ pages would stay resident: `read_array`).
 
 import json
 from collections.abc import Callable, Iterator, Mapping
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +24,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from homer_ref.budget import check_fits
-from homer_ref.llama import Llama, LlamaConfig
+from homer_ref.llama import Llama, LlamaConfig, RopeScaling
 from homer_ref.loading.config import CheckpointError, hf_config_dict, parse_config
 
 
@@ -161,6 +162,15 @@ def with_config(model: Llama, cfg: LlamaConfig) -> Llama:
     tensors = {theirs: ours[name] for name, theirs in checkpoint_names(cfg).items() if name in ours}
     weight = model.embed_tokens.weight
     return build_model(cfg, tensors, "with_config", weight.dtype, weight.device)  # same dtype and device: no copy
+
+
+def rope_scaled(model: Llama, mode: str, factor: float) -> Llama:
+    """The same weights with RoPE scaling `mode` (linear | dynamic | yarn) by `factor`; `model` itself if none."""
+    if mode == "plain" or factor <= 1:
+        return model
+    trained = model.cfg.max_position_embeddings
+    scaling = RopeScaling(mode, factor=float(factor), original_max_position_embeddings=trained)
+    return with_config(model, replace(model.cfg, rope_scaling=scaling))
 
 
 def _safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:

@@ -1,1 +1,2 @@
-"""Tasks that exercise HOMER: the passkey retrieval task of the shipped model (`passkey.py`)."""
+"""Tasks that exercise HOMER: passkey retrieval (`passkey.py`, the shipped model's task) and perplexity past the
+trained context (`perplexity.py`, the official protocol and its baselines)."""

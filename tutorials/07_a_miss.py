@@ -1,23 +1,16 @@
 # %% [markdown]
-# # 07 · A miss, taken apart; and perplexity past the trained context
+# # 07 · A miss, taken apart
 #
 # HOMER reads about 96% of the shipped model's 8x passkey prompts. This tutorial takes one it gets wrong and
 # finds out why, with the tools of tutorials 03–05: the slot-to-source map, the scores at every node, and the
-# leaves' boundaries. Then HOMER on its second job, language modelling past the trained context, following the
-# official perplexity protocol (HOMER_SPEC.md H.2) step by step on stories260K.
+# leaves' boundaries.
 
 # %%
-import contextlib
-import io
-
 import torch
-import torch.nn.functional as F
-from common import demo_config, demo_prompt, passkey_model, pieces, stories_document, stories_model
+from common import demo_config, demo_prompt, passkey_model, pieces
 
-from homer_ref.cli.eval import build_parser, perplexity_nll
 from homer_ref.decoding import generate_plain
-from homer_ref.homer import HomerConfig, continuation_logits, homer_generate, homer_prefill
-from homer_ref.homer.calibration import calibrate_on_context
+from homer_ref.homer import continuation_logits, homer_generate, homer_prefill
 from homer_ref.homer.chunking import leaf_span
 from homer_ref.tasks import passkey
 
@@ -128,62 +121,7 @@ print(f"misses {misses}; needles cut by a leaf boundary {cut}")
 # needles were cut and HOMER missed 8 of those, and none of the 127 intact ones. The pruning did its job;
 # what failed is reading a sentence whose halves were encoded by different chunks, at overlapping positions.
 # (The model card measures the same: merging without pruning misses about as often as HOMER.)
-#
-# ## 3. Perplexity past the trained context: the official protocol
-#
-# stories260K was trained on 512-token windows. Take a 1,536-token text it wrote itself (so it is in-domain)
-# and predict every token from the ones before. HOMER's protocol (H.2), with segment length ev = M = 256:
-#
-# 1. the first 2·ev tokens are predicted by one plain forward;
-# 2. then for end = 2·ev, 3·ev, ...: everything before `end` is compressed by HOMER — prefix = the first P tokens,
-#    suffix = the S tokens just before `end`, context = all between — and the next ev tokens are fed after the
-#    compact cache (at positions last_position + 1, + 2, ...), each predicting the token after it.
-#
-# Every token is predicted exactly once. The HOMER cache's own `logits[-1]` would predict token `end` again; the
-# protocol does not use it.
 
-# %%
-lm, lm_tok = stories_model()
-ids = stories_document(lm, lm_tok)  # three 512-token stories it wrote, one after the other: 1,536 tokens
-M = ev = 256
-P_ppl = S_ppl = 8  # M / 32, as `python -m homer_ref.eval perplexity` uses
-ppl_bias = calibrate_on_context(lm, ids[: 2 * ev], M)  # calibrated on text every scored token has already seen
-nll = {}  # target index -> negative log-likelihood
-
-
-def score(first_target: int, rows: torch.Tensor) -> None:  # rows[j] predicts token first_target + j
-    targets = list(range(first_target, min(first_target + len(rows), len(ids))))
-    losses = F.cross_entropy(rows[: len(targets)].double(), torch.tensor([ids[t] for t in targets]), reduction="none")
-    nll.update(zip(targets, losses.tolist()))
-
-
-score(1, lm(torch.tensor([ids[: 2 * ev]]))[0])  # step 1: targets 1 .. 2ev
-for end in range(2 * ev, len(ids), ev):  # step 2
-    prefix, context, suffix = ids[:P_ppl], ids[P_ppl : end - S_ppl], ids[end - S_ppl : end]
-    part = homer_prefill(lm, prefix, context, suffix, HomerConfig(max_chunk_len=M), bias=ppl_bias)
-    score(end + 1, continuation_logits(lm, part, ids[end : end + ev]))
-    print(f"  end {end}: {end} tokens -> {len(part.positions)} cached slots, positions <= {int(part.positions.max())}")
-assert sorted(nll) == list(range(1, len(ids))), "every token predicted once"
-
-# %% [markdown]
-# Compare, on the last 512 tokens (all of them past the trained context): plain inference over the whole text,
-# a 512-token sliding window, and the protocol above. The command `python -m homer_ref.eval perplexity`
-# implements the same protocol; its numbers must be ours.
-
-# %%
-args = build_parser().parse_args(["perplexity", "--model", "x", "--max-chunk-len", str(M), "--segment-len", str(ev),
-                                  "--affix-len", str(P_ppl)])  # fmt: skip
-lo, hi = 1024, len(ids)
-with contextlib.redirect_stderr(io.StringIO()):  # the command's functions report progress on stderr
-    ppl = {
-        "plain": perplexity_nll(args, lm, ids, "plain", None, lo, hi),
-        "sliding window": perplexity_nll(args, lm, ids, "sliding", None, lo, hi),
-        "HOMER (ours)": {t: v for t, v in nll.items() if lo <= t < hi},
-        "HOMER (eval)": perplexity_nll(args, lm, ids, "homer", ppl_bias, lo, hi),
-    }
-ppl = {name: (torch.tensor(list(v.values())).mean().exp().item(), v) for name, v in ppl.items()}
-for name, (value, _) in ppl.items():
-    print(f"  {name:15s} perplexity {value:6.2f}")
 
 # %% [markdown]
 # ## Checks
@@ -194,9 +132,6 @@ assert 0 < len(set(leaf_of.values())) - 1, "the needle spans two leaves"
 assert not passkey.score(leaf_alone, prompt.passkey) and passkey.score(shifted, prompt.passkey)
 assert passkey.score(moved_answer, prompt.passkey) and not passkey.score(no_pruning_answer, prompt.passkey)
 assert misses and set(misses) <= set(cut), "every miss among 20 prompts has its needle cut"
-assert ppl["HOMER (ours)"][1] == ppl["HOMER (eval)"][1], "our protocol is the command's, token for token"
-assert ppl["plain"][0] > 1.1 * ppl["sliding window"][0], "plain inference degrades past 512 tokens"
-assert ppl["HOMER (ours)"][0] < 1.1 * ppl["sliding window"][0], "HOMER stays close to the window"
 print("all checks passed")
 
 # %% [markdown]
@@ -207,6 +142,3 @@ print("all checks passed")
 # 2. The misses sit where e = 127 puts a boundary through the needle. Run the loop over `range(150)`; then with
 #    64 leaves at 32x (`demo_prompt(tok, seed, multiple=32)`): more boundaries, more cut needles, more misses?
 # 3. Seed 10 and seed 18 are the other misses: print their needle's leaves and predict the misread digit.
-# 4. Perplexity with a shorter segment (`ev = 128`): more HOMER calls, each with more context compressed. Better
-#    or worse than the window? (The stories are independent, so long context cannot help here: this is the
-#    "HOMER does not break the model" check.)
