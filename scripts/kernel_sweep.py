@@ -10,7 +10,9 @@ each setting the machine can emulate:
     ATEN_CPU_CAPABILITY = default                    (ATen's scalar kernels instead of its vectorised ones)
 
 each with 1 and 2 torch threads (HOMER_REF_TEST_THREADS, read by tests/conftest.py), and prints one table row per
-run with the largest |Δ| each tolerance met. Exit 0 when every run passes. `--quick` runs the fixture tests only.
+run with the largest |Δ| each tolerance met. Exit 0 when every run passes. `--quick` runs the fixture tests only,
+`--full` the whole suite (about 10 x the suite's time), `--settings A,B` only the settings whose label contains one
+of the words (e.g. `--settings SSE4_2,default`).
 """
 
 import argparse
@@ -52,14 +54,18 @@ def cpu_flags() -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="the fixture tests only")
+    parser.add_argument("--full", action="store_true", help="the whole suite")
+    parser.add_argument("--settings", help="comma-separated words: only the settings whose label contains one")
     args = parser.parse_args()
-    tests = GOLDEN[:1] if args.quick else GOLDEN
+    tests = GOLDEN[:1] if args.quick else ["tests"] if args.full else GOLDEN
+    words = args.settings.split(",") if args.settings else None
+    settings = [(label, env) for label, env in SETTINGS if words is None or any(w in label for w in words)]
     avx512 = "avx512f" in cpu_flags()
     print(f"CPU: {'with' if avx512 else 'without'} AVX-512; tests: {' '.join(tests)}")
     print("| setting | threads | result | seconds | largest max |Δ| (tolerance key) |")
     print("|---|---:|---|---:|---|")
     failed = 0
-    for label, env in SETTINGS:
+    for label, env in settings:
         for threads in (1, 2):
             run_env = {**os.environ, **env, "HOMER_REF_TEST_THREADS": str(threads)}
             t0 = time.perf_counter()
