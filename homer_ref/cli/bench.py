@@ -42,6 +42,7 @@ import torch
 from homer_ref.budget import check_fits, kv_bytes, plain_bytes
 from homer_ref.cli.common import (
     DTYPES,
+    command_parser,
     current_rss,
     parse_list,
     parse_modes,
@@ -380,89 +381,64 @@ def text_plot(rows: list[dict], width: int = 60) -> list[str]:
     return lines
 
 
+def _columns(rows: list[dict], columns: list[tuple[str, str]]) -> list[str]:
+    """A markdown table of `rows`: one column per (header, format string applied to the row's fields)."""
+    return _table([h for h, _ in columns], [[fmt.format(**r) for _, fmt in columns] for r in rows])
+
+
+MEMORY_COLUMNS = [
+    ("tokens", "{length}"),
+    ("live KV depth-first / plain", "{peak_kv_ratio:.3f}"),
+    ("level-order / plain", "{level_order_kv_ratio:.3f}"),
+    ("G.2 bound / plain", "{g2_ratio:.3f}"),
+    ("peak RSS growth plain / HOMER (MiB)", "{plain_rss_mib:.0f} / {homer_depth_first_rss_mib:.0f}"),
+    ("time HOMER / plain", "{time_ratio:.2f}"),
+    ("MACs HOMER / plain", "{macs_ratio:.2f}"),
+]
+STORIES_COLUMNS = [MEMORY_COLUMNS[i] for i in (0, 1, 2, 5)]
+LLAMA2_COLUMNS = [
+    ("tokens", "{length}"),
+    ("leaves", "{leaves}"),
+    ("full cache GiB", "{full_gib:.2f}"),
+    ("depth-first peak GiB", "{depth_first_gib:.2f}"),
+    ("depth-first / full", "{depth_first_ratio:.3f}"),
+    ("level-order / full", "{level_order_ratio:.3f}"),
+]
+HF_COLUMNS = [
+    ("tokens", "{length}"),
+    ("homer_ref s", "{ours_s:.3f}"),
+    ("HF s", "{hf_s:.3f}"),
+    ("ratio", "{ratio:.2f}"),
+    ("max abs logit diff", "{max_abs_logit_diff:.1e}"),
+]
+
+
 def markdown(result: dict) -> str:
     """The README's results tables."""
     out = [
         f"Machine: {result['machine']}. Command: `python -m homer_ref.bench --markdown` ({result['total_s']:.0f} s).",
         "",
-    ]
-    out += [
         "**Bench model** (16 layers, D=256, 8 heads / 4 KV heads, random weights), M = T = 512, P = S = 16, W = 0:",
         "",
     ]
-    header = ["tokens", "live KV depth-first / plain", "level-order / plain", "G.2 bound / plain"]
-    header += ["peak RSS growth plain / HOMER (MiB)", "time HOMER / plain", "MACs HOMER / plain"]
-    rows = [
-        [
-            str(r["length"]),
-            f"{r['peak_kv_ratio']:.3f}",
-            f"{r['level_order_kv_ratio']:.3f}",
-            f"{r['g2_ratio']:.3f}",
-            f"{r['plain_rss_mib']:.0f} / {r['homer_depth_first_rss_mib']:.0f}",
-            f"{r['time_ratio']:.2f}",
-            f"{r['macs_ratio']:.2f}",
-        ]
-        for r in result["memory"]
-    ]
-    out += _table(header, rows)
-    out += [
-        "",
-        "Live KV against context length (bench model; one character = 1/60 of the plain cache at the longest):",
-        "",
-    ]
-    out += ["```"] + text_plot(result["memory"]) + ["```"]
+    out += _columns(result["memory"], MEMORY_COLUMNS)
+    out += ["", "Live KV against context length (bench model; one character = 1/60 of the plain cache at the longest):"]
+    out += ["", "```"] + text_plot(result["memory"]) + ["```"]
     if result["stories"]:
         out += ["", "**stories260K** (5 layers), M = T = 512, within its depth limit:", ""]
-        header = ["tokens", "live KV depth-first / plain", "level-order / plain", "time HOMER / plain"]
-        rows = [
-            [
-                str(r["length"]),
-                f"{r['peak_kv_ratio']:.3f}",
-                f"{r['level_order_kv_ratio']:.3f}",
-                f"{r['time_ratio']:.2f}",
-            ]
-            for r in result["stories"]
-        ]
-        out += _table(header, rows)
-    out += [
-        "",
-        "**Llama-2-7B shape** (L=32, W=12, M=T=2048, P=S=100), from the plan (fp16 K+V, 16 KiB per token-layer):",
-        "",
-    ]
-    header = ["tokens", "leaves", "full cache GiB", "depth-first peak GiB", "depth-first / full", "level-order / full"]
-    rows = [
-        [
-            str(r["length"]),
-            str(r["leaves"]),
-            f"{r['full_gib']:.2f}",
-            f"{r['depth_first_gib']:.2f}",
-            f"{r['depth_first_ratio']:.3f}",
-            f"{r['level_order_kv'] / r['full_kv']:.3f}",
-        ]
-        for r in result["llama2_7b"]
-    ]
-    out += _table(header, rows)
+        out += _columns(result["stories"], STORIES_COLUMNS)
+    shape = "**Llama-2-7B shape** (L=32, W=12, M=T=2048, P=S=100), from the plan (fp16 K+V, 16 KiB per token-layer):"
+    out += ["", shape, ""]
+    llama2 = [r | {"level_order_ratio": r["level_order_kv"] / r["full_kv"]} for r in result["llama2_7b"]]
+    out += _columns(llama2, LLAMA2_COLUMNS)
     if result["forward_vs_hf"]:
         out += ["", "**Forward pass, homer_ref vs HF transformers** (bench model, float32, median):", ""]
-        header = ["tokens", "homer_ref s", "HF s", "ratio", "max abs logit diff"]
-        rows = [
-            [
-                str(r["length"]),
-                f"{r['ours_s']:.3f}",
-                f"{r['hf_s']:.3f}",
-                f"{r['ratio']:.2f}",
-                f"{r['max_abs_logit_diff']:.1e}",
-            ]
-            for r in result["forward_vs_hf"]
-        ]
-        out += _table(header, rows)
+        out += _columns(result["forward_vs_hf"], HF_COLUMNS)
     return "\n".join(out)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m homer_ref.bench", description="HOMER memory/speed benchmarks, as ratios."
-    )
+    p = command_parser("bench", "HOMER memory/speed benchmarks, as ratios.")
     p.add_argument("--json", action="store_true", help="print one JSON object with every measurement")
     p.add_argument("--markdown", action="store_true", help="print the README's results tables")
     p.add_argument("--quick", action="store_true", help="short lengths only (a smoke run, not the README figures)")

@@ -9,18 +9,27 @@ from pathlib import Path
 
 import torch
 
-from homer_ref.cli.common import check_out, open_model, open_tokenizer, progress, run_main, save_atomic
+from homer_ref.cli.common import (
+    MODEL_HELP,
+    check_out,
+    command_parser,
+    open_model,
+    open_tokenizer,
+    progress,
+    run_main,
+    save_atomic,
+)
 from homer_ref.homer.calibration import calibrate, windows_from_ids
 from homer_ref.loading.weights import rope_scaled
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m homer_ref.calibrate",
-        description="Average the head-max last-query attention logit by distance over windows of a text, per "
+    p = command_parser(
+        "calibrate",
+        "Average the head-max last-query attention logit by distance over windows of a text, per "
         "layer, and save it as HOMER's calibration bias (safetensors, key 'bias', [L, M] float32).",
     )
-    p.add_argument("--model", required=True, help="HF model directory, .gguf or llama2.c .bin checkpoint")
+    p.add_argument("--model", required=True, help=MODEL_HELP)
     p.add_argument("--tokenizer", help="tokenizer.json, sentencepiece .model or .gguf (default: the model's own)")
     p.add_argument("--text", required=True, type=Path, help="UTF-8 text file to calibrate on")
     p.add_argument("--max-chunk-len", required=True, type=int, help="M: the table covers distances 0..M-1")

@@ -161,6 +161,14 @@ def parse_modes(text: str, allowed: tuple[str, ...], name: str = "modes") -> lis
     return list(dict.fromkeys(modes))
 
 
+MODEL_HELP = "HF model directory, .gguf or llama2.c .bin checkpoint"
+
+
+def command_parser(command: str, description: str) -> argparse.ArgumentParser:
+    """The argument parser of `python -m homer_ref.<command>` (also installed as `homer-<command>`)."""
+    return argparse.ArgumentParser(prog=f"python -m homer_ref.{command}", description=description)
+
+
 def progress(message: str) -> None:
     """One line of progress on stderr (stdout is kept for results, so commands pipe)."""
     print(message, file=sys.stderr, flush=True)

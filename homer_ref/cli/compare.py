@@ -18,15 +18,15 @@ import json
 import sys
 from pathlib import Path
 
-from homer_ref.cli.common import run_main
+from homer_ref.cli.common import command_parser, run_main
 from homer_ref.testing import DEFAULT_ATOL, DEFAULT_RTOL, compare_traces
 from homer_ref.testing.validate import validate_trace
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m homer_ref.compare",
-        description="Compare a HOMER trace with an expected one (e.g. a homer_ref fixture) and name the first "
+    p = command_parser(
+        "compare",
+        "Compare a HOMER trace with an expected one (e.g. a homer_ref fixture) and name the first "
         "divergence in execution order: tree nodes first (layers, target, input, the K/V of the layers each ran, "
         "kept slots, scores, output), then the final cache (positions, keys and values per layer, logits); or, "
         "with --validate, check one trace against the format. Exit 0 match, 1 diverge, 2 error.",

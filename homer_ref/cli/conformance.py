@@ -19,14 +19,14 @@ import sys
 import tempfile
 from pathlib import Path
 
-from homer_ref.cli.common import progress, run_main
+from homer_ref.cli.common import command_parser, progress, run_main
 from homer_ref.testing.conformance import check_template, load_cases, run_cases, summary
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m homer_ref.conformance",
-        description="Run a HOMER implementation on every fixture case and compare each trace it writes with the "
+    p = command_parser(
+        "conformance",
+        "Run a HOMER implementation on every fixture case and compare each trace it writes with the "
         "answer key: one line per case and a summary. Exit 0 all pass, 1 any diverge or fail, 2 invalid input.",
     )
     p.add_argument(

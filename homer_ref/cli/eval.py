@@ -57,7 +57,9 @@ import torch
 
 from homer_ref.cli.common import (
     DTYPES,
+    MODEL_HELP,
     Measured,
+    command_parser,
     open_model,
     open_tokenizer,
     parse_list,
@@ -286,7 +288,7 @@ def run_passkey(args) -> int:
 
 
 def perplexity_nll(args, model: Llama, ids: list[int], mode: str, bias, lo: int, hi: int) -> dict[int, float]:
-    """NLL of every scored target token t in [lo, hi) (t >= 1), keyed by t, for one mode (`homer_ref.tasks.perplexity`)."""
+    """NLL of each scored target t in [lo, hi) (t >= 1), keyed by t, for one mode (`homer_ref.tasks.perplexity`)."""
     if mode in ROPE_MODES:
         return perplexity.nll_plain(model, ids, lo, hi, rope=mode)
     if mode == "sliding":
@@ -378,9 +380,9 @@ def run_perplexity(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m homer_ref.eval",
-        description="Evaluate long-context inference: passkey retrieval and perplexity, plain vs RoPE scaling "
+    p = command_parser(
+        "eval",
+        "Evaluate long-context inference: passkey retrieval and perplexity, plain vs RoPE scaling "
         "vs HOMER. Results go to stdout, progress to stderr.",
     )
     sub = p.add_subparsers(dest="task", required=True)
@@ -437,7 +439,7 @@ def build_parser() -> argparse.ArgumentParser:
     common(pk)
 
     pp = sub.add_parser("perplexity", help="perplexity of a long document (HOMER_SPEC.md H.2 protocol)")
-    pp.add_argument("--model", required=True, help="HF model directory, .gguf or llama2.c .bin checkpoint")
+    pp.add_argument("--model", required=True, help=MODEL_HELP)
     pp.add_argument("--text", type=Path, help="UTF-8 document (default: sample one from the model, --seed)")
     pp.add_argument("--length", type=float, default=8, help="document length, multiple of the trained context (8)")
     pp.add_argument("--modes", default="plain,sliding,homer", help=f"comma-separated: {', '.join(PERPLEXITY_MODES)}")

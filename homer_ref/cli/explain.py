@@ -22,7 +22,16 @@ from collections.abc import Collection, Sequence
 from html import escape
 from pathlib import Path
 
-from homer_ref.cli.common import DTYPES, check_out, open_model, open_tokenizer, progress, replace_atomic, run_main
+from homer_ref.cli.common import (
+    DTYPES,
+    check_out,
+    command_parser,
+    open_model,
+    open_tokenizer,
+    progress,
+    replace_atomic,
+    run_main,
+)
 from homer_ref.cli.generate import (
     add_homer_options,
     add_prompt_options,
@@ -252,9 +261,9 @@ def render_html(
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m homer_ref.explain",
-        description="Draw which tokens HOMER kept where in its tree, as one self-contained HTML file. With no "
+    p = command_parser(
+        "explain",
+        "Draw which tokens HOMER kept where in its tree, as one self-contained HTML file. With no "
         "other argument: the demo's passkey prompt on the shipped model (8x its trained context).",
     )
     p.add_argument("--out", required=True, type=Path, help="the .html file to write")

@@ -34,7 +34,16 @@ import textwrap
 import time
 from pathlib import Path
 
-from homer_ref.cli.common import DTYPES, open_model, open_tokenizer, progress, run_main, set_threads_for
+from homer_ref.cli.common import (
+    DTYPES,
+    MODEL_HELP,
+    command_parser,
+    open_model,
+    open_tokenizer,
+    progress,
+    run_main,
+    set_threads_for,
+)
 from homer_ref.decoding import check_ids, generate_plain, greedy_batch
 from homer_ref.homer import homer_generate, homer_prefill
 from homer_ref.homer.calibration import calibrate_on_context, find_bias
@@ -49,7 +58,7 @@ CONTEXT_MARKER, SUFFIX_MARKER = "<<<CONTEXT>>>", "<<<SUFFIX>>>"
 
 def add_prompt_options(p: argparse.ArgumentParser) -> argparse._MutuallyExclusiveGroup:
     """The model and a text prompt, as `generate` takes them (shared with `explain`); returns the prompt group."""
-    p.add_argument("--model", help="HF model directory, .gguf or llama2.c .bin checkpoint (default: the shipped model)")
+    p.add_argument("--model", help=MODEL_HELP + " (default: the shipped model)")
     p.add_argument(
         "--tokenizer",
         help="tokenizer.json, sentencepiece .model or .gguf (default: the model's own: tokenizer.json or "
@@ -80,9 +89,9 @@ def add_homer_options(p: argparse.ArgumentParser) -> argparse._ArgumentGroup:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m homer_ref.generate",
-        description="Continue a prompt with a Llama model (HF directory, GGUF or llama2.c .bin); prompts longer than "
+    p = command_parser(
+        "generate",
+        "Continue a prompt with a Llama model (HF directory, GGUF or llama2.c .bin); prompts longer than "
         "the trained context run HOMER. With no arguments: a passkey demo on the shipped model at 8x its "
         "trained context. The continuation goes to stdout, everything else to stderr.",
     )

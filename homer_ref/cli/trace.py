@@ -9,7 +9,16 @@ import json
 import sys
 from pathlib import Path
 
-from homer_ref.cli.common import DTYPES, check_out, open_model, progress, run_main, save_atomic
+from homer_ref.cli.common import (
+    DTYPES,
+    MODEL_HELP,
+    check_out,
+    command_parser,
+    open_model,
+    progress,
+    run_main,
+    save_atomic,
+)
 from homer_ref.decoding import check_ids
 from homer_ref.homer import homer_prefill
 from homer_ref.homer.calibration import load_bias
@@ -17,12 +26,12 @@ from homer_ref.testing.trace import INPUT_DTYPES, input_with_defaults, parse_inp
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m homer_ref.trace",
-        description="Run HOMER on the token ids of an input JSON and write the compact cache, logits and every "
+    p = command_parser(
+        "trace",
+        "Run HOMER on the token ids of an input JSON and write the compact cache, logits and every "
         "tree node's decisions to a safetensors trace (the answer key for other implementations).",
     )
-    p.add_argument("--model", required=True, help="HF model directory, .gguf or llama2.c .bin checkpoint")
+    p.add_argument("--model", required=True, help=MODEL_HELP)
     p.add_argument("--input", required=True, type=Path, help="input JSON (ids and HOMER settings)")
     p.add_argument(
         "--bias",
