@@ -1,6 +1,6 @@
 """GGUF checkpoints and tokenizers (homer_ref/loading/gguf.py) against independent sources, on tiny files.
 
-- Every quantization type of the issue (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K, Q6_K): a tiny random Llama is
+- Every quantization type the README lists (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K, Q6_K): a tiny random Llama is
   written with `gguf.GGUFWriter` (quantized by `gguf.quants.quantize`, or random K-quant blocks of the documented
   layout); homer_ref's loaded weights equal `gguf.quants.dequantize` of the stored bytes with the q/k permutation
   undone by the test's own code, and its logits equal those of HF `transformers` reading the same GGUF file itself
