@@ -252,8 +252,10 @@ class Llama(nn.Module):
         cache: Cache | None = None,  # per layer (k, v) [B, Hkv, S, Dh]; not modified unless `consume_cache`
         all_logits: bool = False,  # logits of every token, or only of the last (what generation needs)
         consume_cache: bool = False,  # let go of each layer's old entry in `cache` as soon as its new one is made
+        keep_cache: bool = True,  # False: return no cache (a one-shot forward frees each layer's K/V at once)
     ) -> tuple[torch.Tensor, Cache]:
-        """Logits [B, T, V] (`all_logits`) or [B, 1, V], and the new cache (old entries, then the T new ones).
+        """Logits [B, T, V] (`all_logits`) or [B, 1, V], and the new cache (old entries, then the T new ones; empty
+        without `keep_cache`).
 
         Only the last row by default: a long prompt's logits are T x V floats nobody reads (16k tokens of a
         49k-token vocabulary: 3.2 GB), while perplexity and traces ask for them all. A decoding loop, which drops
@@ -271,9 +273,10 @@ class Llama(nn.Module):
             if consume_cache:
                 cache[layer] = None
             h = self.feed_forward(layer, h)
-            new_cache.append((k, v))
+            if keep_cache:
+                new_cache.append((k, v))
         return self.logits(h if all_logits else h[:, -1:]), new_cache
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None, cache: Cache | None = None):
         """tokens [B, T] -> logits [B, T, V] of every token. `forward_cached` also returns the KV cache."""
-        return self.forward_cached(tokens, positions, cache, all_logits=True)[0]
+        return self.forward_cached(tokens, positions, cache, all_logits=True, keep_cache=False)[0]
