@@ -124,3 +124,20 @@ def test_llama3_rope_scaling_from_rope_freqs(tmp_path):
     positions = list(range(200, 200 + len(tokens)))
     our = our_logits(load_model(path), tokens, positions)
     assert_close(our, hf_logits(hf, tokens, positions), "hf_float32", "llama3 RoPE from rope_freqs vs HF")
+
+
+def test_a_tensor_stored_with_no_rows_is_a_damaged_file(tmp_path):
+    """A header whose stored shape has no rows (found by the fuzz test: a division by zero) is one clean error."""
+    import gguf
+    import numpy as np
+
+    from homer_ref.loading import CheckpointError
+    from homer_ref.loading.gguf import StoredTensor, dequantized
+
+    path = tmp_path / "damaged.gguf"
+    path.write_bytes(bytes(64))
+    f32 = gguf.GGMLQuantizationType.F32
+    for stored_shape in [(0, 32), (3, 32)]:  # no rows; rows that do not divide the shape
+        tensor = StoredTensor("blk.0.attn_q.weight", 0, np.dtype(np.float32), stored_shape, f32, (4, 32))
+        with pytest.raises(CheckpointError, match="damaged"):
+            dequantized(tensor, path)

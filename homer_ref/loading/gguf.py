@@ -253,6 +253,11 @@ def dequantized(tensor: StoredTensor, path: Path) -> np.ndarray:
 
     stored = read_array(path, tensor.offset, tensor.dtype, math.prod(tensor.stored_shape))
     rows = stored.reshape(-1, tensor.stored_shape[-1]) if len(tensor.stored_shape) > 1 else stored.reshape(1, -1)
+    if rows.shape[0] == 0 or math.prod(tensor.shape) % rows.shape[0]:
+        raise CheckpointError(
+            f"{path}: tensor '{tensor.name}' stores {rows.shape[0]} rows for shape {list(tensor.shape)}: the file is "
+            "damaged (re-download or re-convert it)"
+        )
     out = np.empty((rows.shape[0], math.prod(tensor.shape) // rows.shape[0]), dtype=np.float32)
     step = max(1, DEQUANTIZE_ROWS_BYTES // max(1, rows[0].nbytes))
     try:
