@@ -69,11 +69,13 @@ print("most significant context tokens:", "".join(f"[{t}]" for t in pieces(tok, 
 # Tokens near the end of a chunk get large logits from the last query whatever they say (RoPE's decay with
 # distance). `bias[layer][d]` is the average head-max logit at distance d over ordinary text of the task —
 # here filler without a passkey. The shipped table is exactly that: `calibrate` on 32 windows of 256 tokens
-# (the official code ships tables but no code to make them; homer_ref's is N.2.4). Recompute it:
+# (the official code ships tables but no code to make them; homer_ref's is N.2.4). Recompute it: bit for bit on
+# a CPU like the one that made it, within float32 rounding on others (2.4e-7 under ATen's scalar kernels).
 
 # %%
 recomputed = calibrate(model, passkey.filler_windows(tok, seed=1, count=32, length=256))  # [L, 256]
-print(f"recomputed table {tuple(recomputed.shape)} equals the shipped one: {torch.equal(recomputed, bias)}")
+drift = float((recomputed - bias).abs().max())
+print(f"recomputed table {tuple(recomputed.shape)}: max |Δ| against the shipped one {drift:.1e}")
 buckets = [(0, 1), (1, 4), (4, 16), (16, 64), (64, 256)]
 print("bias by distance  " + "".join(f"{f'd {a}-{b - 1}':>9s}" for a, b in buckets))
 for row in range(model.cfg.num_hidden_layers):
@@ -140,7 +142,7 @@ print(f"scores [1, 0, 0, 2, 0, inf], remove 2: removed slots {removed.tolist()},
 trace = caches["calibrated"].node(0, i)
 assert torch.allclose(by_hand, last_logits[0], atol=1e-5), "the score is the last query against every key"
 assert torch.equal(trace.scores, scores) and torch.equal(trace.removed, reduction.select(scores, k)[1])
-assert torch.equal(recomputed, bias), "the shipped table is calibrate() on the filler windows"
+assert torch.allclose(recomputed, bias, rtol=0, atol=1e-5), "the shipped table is calibrate() on the filler windows"
 assert torch.equal(scores[is_context], (raw - bias[layer][positions[-1] - positions])[is_context])
 assert bias[layer, :4].mean() > bias[layer, 64:].mean(), "near tokens score higher on average, whatever they say"
 assert lead > 0, "the digits are the leaf's most significant context tokens"
