@@ -35,16 +35,12 @@ is the fraction of the passkey's digit tokens (both copies) still in the final c
 of samples that kept at least one complete copy: read from HOMER's trace, they tell a pruning failure from a
 reading failure (`--explain` prints, per tree node, where a failed sample lost its digits).
 
-Perplexity (HOMER_SPEC.md H.2, the official protocol at this model's scale): with ev = the segment length
-(default M = trained context / 2), the first 2·ev tokens are scored by one plain forward; then for each
-end = 2·ev, 3·ev, ...: prefix = the first P tokens, suffix = the S tokens before `end`, context = everything
-between, compressed by HOMER; the tokens [end, end+ev) are fed after the compact cache and each logit scores
-the next token. Every token from 1 to the end is predicted once. Only the parts that score tokens inside
-[--score-from, --score-to) are computed. Without --text the document is sampled from the model itself (stories
-of at most the trained context and of no more than is still missing, each from BOS, seeded, concatenated; BOS
-and the stop tokens are the tokenizer's, or config.json's bos/eos_token_id for a model without one). Without
---bias the `homer` mode calibrates on the document's first 2·ev tokens, which every scored token has already
-seen.
+Perplexity (HOMER_SPEC.md H.2): the official protocol and its baselines as `homer_ref.tasks.perplexity` runs
+them (its docstring gives the steps), with the segment length ev defaulting to M = trained context / 2 and
+P = S = M / 32. Only the parts that score tokens inside [--score-from, --score-to) are computed. Without --text
+the document is sampled from the model itself (`sample_document`; BOS and the stop tokens are the tokenizer's, or
+config.json's bos/eos_token_id for a model without one). Without --bias the `homer` mode calibrates on the
+document's first 2·ev tokens, which every scored token has already seen.
 """
 
 import argparse
@@ -296,7 +292,7 @@ def perplexity_nll(args, model: Llama, ids: list[int], mode: str, bias, lo: int,
         return perplexity.nll_sliding(model, ids, lo, hi, window, args.stride or window // 2)
     # the HOMER settings were resolved once, by `run_perplexity`
     config = HomerConfig(args.max_chunk_len, args.target_len, args.warmup_layers, HOMER_MODES[mode], args.seed)
-    report = lambda message: progress(f"  {mode}:{message[1:]}")  # noqa: E731
+    report = lambda message: progress(f"  {mode}: {message}")  # noqa: E731
     return perplexity.nll_homer(model, ids, lo, hi, config, args.segment_len, args.affix_len, bias, report)
 
 
@@ -325,7 +321,7 @@ def run_perplexity(args) -> int:
     else:
         progress(f"perplexity: sampling a {n}-token document from the model (seed {args.seed})")
         stop = tuple(i for i in (bos, eos) + (tok.stop_ids if tok is not None else ()) if i is not None)
-        ids = perplexity.sample_document(model, n, args.seed, bos, stop, progress)
+        ids = perplexity.sample_document(model, n, args.seed, bos, stop, lambda message: progress(f"  {message}"))
         source = f"sampled from the model, seed {args.seed}"
     lo = args.score_from if args.score_from is not None else n // 2
     hi = args.score_to if args.score_to is not None else n

@@ -30,7 +30,14 @@ from homer_ref.loading.weights import rope_scaled
 
 
 @torch.no_grad()
-def sample_document(model: Llama, n_tokens: int, seed: int, bos: int, stop: tuple[int, ...], report=None) -> list[int]:
+def sample_document(
+    model: Llama,
+    n_tokens: int,
+    seed: int,
+    bos: int,
+    stop: tuple[int, ...],
+    report: Callable[[str], None] | None = None,
+) -> list[int]:
     """A text of `n_tokens` ids sampled from the model itself (temperature 1, seeded): stories from BOS, each within
     the trained context and none longer than what is still missing, so a model with a long context is never asked
     for more than `n_tokens`. Stop tokens end a story and are not kept. `report(message)` sees the progress."""
@@ -43,7 +50,7 @@ def sample_document(model: Llama, n_tokens: int, seed: int, bos: int, stop: tupl
         ids += [bos] + [t for t in new if t not in stop]
         story += 1
         if report is not None:
-            report(f"  sampled {min(len(ids), n_tokens)}/{n_tokens} tokens ({story} stories)")
+            report(f"sampled {min(len(ids), n_tokens)}/{n_tokens} tokens ({story} stories)")
     return ids[:n_tokens]
 
 
@@ -119,5 +126,5 @@ def nll_homer(
         cache = homer_prefill(model, ids[:P], ids[P : end - P], ids[end - P : end], config, bias=bias)
         scores.add(end + 1, continuation_logits(model, cache, ids[end : end + ev]))
         if report is not None:
-            report(f"  segment [{end}, {min(end + ev, n)}) of {n}: {len(cache.positions)} cached slots")
+            report(f"segment [{end}, {min(end + ev, n)}) of {n}: {len(cache.positions)} cached slots")
     return scores.nll
