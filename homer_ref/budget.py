@@ -60,9 +60,9 @@ def kv_bytes(cfg: LlamaConfig, token_layers: int, itemsize: int) -> int:
 
 
 def activation_bytes(cfg: LlamaConfig, tokens: int, itemsize: int) -> int:
-    """Bytes of one layer's activations over `tokens` tokens: residual stream, q/k/v/o and the MLP's 3 F-wide ones."""
+    """Bytes of one layer's activations over `tokens` tokens: residual stream, q/k/v/o and the MLP's 2 F-wide ones."""
     width = 4 * cfg.hidden_size + (cfg.num_attention_heads + 2 * cfg.num_key_value_heads) * cfg.head_dim
-    return tokens * (width + 3 * cfg.intermediate_size) * itemsize
+    return tokens * (width + 2 * cfg.intermediate_size) * itemsize
 
 
 def plain_bytes(cfg: LlamaConfig, prompt_len: int, new_tokens: int, itemsize: int) -> int:

@@ -152,7 +152,12 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False, device=device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
+        """SwiGLU: down(silu(gate(x)) * up(x)), x [..., D] -> [..., D], through two [..., F] buffers.
+
+        silu and the product run in place (autograd keeps what it needs): the F-wide activations are the largest
+        a layer makes, and two of them instead of three is both less memory and measurably faster."""
+        gate = F.silu(self.gate_proj(x), inplace=True)  # [..., F]
+        return self.down_proj(gate.mul_(self.up_proj(x)))
 
 
 class Block(nn.Module):
@@ -233,8 +238,8 @@ class Llama(nn.Module):
     def feed_forward(self, layer: int, h: torch.Tensor) -> torch.Tensor:
         """Second half of decoder layer `layer`: h [B, T, D] -> h + MLP(norm(h)).
 
-        Token by token, so a long input runs it in slices of MLP_ROWS tokens: the MLP's three [B, T, F]
-        intermediates of a 16k-token prompt would otherwise be ~0.4 GB beside the KV cache (F = 1536)."""
+        Token by token, so a long input runs it in slices of MLP_ROWS tokens: the MLP's two [B, T, F]
+        intermediates of a 16k-token prompt would otherwise be 0.2 GB beside the KV cache (F = 1536)."""
         blk = self.layers[layer]
         if h.shape[1] <= MLP_ROWS:
             return h + blk.mlp(blk.post_attention_layernorm(h))

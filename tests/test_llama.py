@@ -22,7 +22,7 @@ from helpers import assert_close, hf_config, hf_logits, make_hf_llama, our_logit
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from homer_ref import load_model
+from homer_ref import llama, load_model
 from homer_ref.llama import LlamaConfig, RopeScaling, apply_rope, rope_cos_sin, rope_frequencies
 from homer_ref.loading import parse_config
 from reference import llama_np
@@ -210,10 +210,11 @@ def test_forward_matches_numpy_oracle(case):
 @pytest.mark.parametrize(
     ("rope", "Hq", "Hkv"), [("default", 4, 4), ("llama3", 6, 2), ("yarn", 4, 1), ("dynamic", 6, 3)]
 )
-def test_layer_halves_match_oracle(tmp_path, rope, Hq, Hkv):
+def test_layer_halves_match_oracle(tmp_path, monkeypatch, rope, Hq, Hkv):
     """attend (h, k, v after RoPE, last-query logits) and feed_forward, one layer at a time, both from the oracle's
     input to that layer, in float64; the second half of the sequence goes through `attend` with the first half as
-    its cache, so the cached path and its last-query logits over S + T keys are checked too."""
+    its cache, so the cached path and its last-query logits over S + T keys are checked too; feed_forward also in
+    slices (a long input's path), which must not change a value."""
     make_hf_llama(
         tmp_path,
         num_attention_heads=Hq,
@@ -239,6 +240,9 @@ def test_layer_halves_match_oracle(tmp_path, rope, Hq, Hkv):
             _, k_past, v_past, _ = model.attend(layer, torch.from_numpy(h[:S])[None], pos[:S])
             cached = model.attend(layer, torch.from_numpy(h[S:])[None], pos[S:], (k_past, v_past), last_query=True)
             ff = model.feed_forward(layer, torch.from_numpy(h_attn)[None])
+            with monkeypatch.context() as patch:
+                patch.setattr(llama, "MLP_ROWS", 4)  # 11 tokens in slices of 4, 4 and 3
+                ff_sliced = model.feed_forward(layer, torch.from_numpy(h_attn)[None])
         for name, got, want in (("h", ours[0][0], h_attn), ("k", ours[1][0], k), ("v", ours[2][0], v)):
             assert_close(got, want, "layer_float64", f"layer {layer} attend {name}")
         assert_close(ours[3][0], last, "layer_float64", f"layer {layer} last-query logits [Hq, T]")
@@ -247,6 +251,7 @@ def test_layer_halves_match_oracle(tmp_path, rope, Hq, Hkv):
         assert_close(cached[3][0], last, "layer_float64", f"layer {layer} last-query logits with a cache")
         h = llama_np.mlp_layer(config, weights, layer, h_attn)
         assert_close(ff[0], h, "layer_float64", f"layer {layer} feed_forward")
+        assert_close(ff_sliced[0], h, "layer_float64", f"layer {layer} feed_forward in slices")
 
 
 # ----------------------------------------------------------------------------------------------- vs HF
