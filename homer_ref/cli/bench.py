@@ -11,9 +11,9 @@ intermediate 688, vocabulary 8192 (~15M parameters).
 2. time vs context length: HOMER prefill / plain prefill, in CPU seconds of the measuring process with one torch
    thread by default (wall-clock ratios drift with whatever else the machine runs; CPU time much less). The
    plain prefill runs the same layers over the whole prompt with torch's scaled_dot_product_attention (no
-   materialised T x T matrix) and computes the last token's logits only; HOMER computes the logits of its K
-   kept slots.
-3. our forward vs HF transformers' LlamaForCausalLM (sdpa) on the same weights, 512 and 2048 tokens, float32.
+   materialised T x T matrix); both compute the last token's logits only.
+3. our forward vs HF transformers' LlamaForCausalLM (sdpa) on the same weights, 512 and 2048 tokens, float32:
+   rounds of one forward each, back to back in random order; the ratio is the median of the rounds' ratios.
 4. operation counts: multiply-adds of HOMER vs plain prefill from the plan (attention and the rest apart).
 
 `--json` prints one JSON object (with peak_kv_ratio_16k, time_ratio_16k, forward_time_ratio_vs_hf);
@@ -31,10 +31,13 @@ RSS measured in the subprocess from just after `import torch`); and `forward_tim
 import argparse
 import json
 import os
+import random
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -207,7 +210,12 @@ def macs(cfg: LlamaConfig, p: Plan) -> dict[str, float]:
 
 
 def forward_vs_hf(model: Llama, lengths: list[int], repeats: int) -> list[dict]:
-    """Time our forward and HF's LlamaForCausalLM on the same weights (float32), alternating, median of `repeats`."""
+    """Time our forward and HF's LlamaForCausalLM on the same weights (float32), `repeats` rounds of one each.
+
+    Each round runs the two back to back in a seeded random order, and its ratio is ours / HF's CPU time: a load
+    that drifts over minutes slows both of a pair alike, and neither always runs first (caches, page faults).
+    `ratio` is the median of the rounds' ratios, `ratio_q1`/`ratio_q3` their quartiles (the spread that noise
+    alone gives); `ours_s` and `hf_s` are the median times."""
     try:
         from transformers import LlamaForCausalLM
     except ImportError:
@@ -222,21 +230,25 @@ def forward_vs_hf(model: Llama, lengths: list[int], repeats: int) -> list[dict]:
     rows = []
     for n in lengths:
         x = torch.randint(3, model.cfg.vocab_size, (1, n), generator=torch.Generator().manual_seed(n))
-        ours_t, hf_t = [], []
+        runs = {"ours": partial(model, x), "hf": partial(hf, x, use_cache=False)}
+        times: dict[str, list[float]] = {"ours": [], "hf": []}
+        order = random.Random(n)
         with torch.no_grad():
-            ours_logits, hf_logits = model(x), hf(x, use_cache=False).logits  # warm-up, and a correctness check
+            ours_logits, hf_logits = runs["ours"](), runs["hf"]().logits  # warm-up, and a correctness check
             delta = (ours_logits - hf_logits).abs().max().item()
             del ours_logits, hf_logits
             for _ in range(repeats):
-                t = time.process_time()
-                model(x)
-                ours_t.append(time.process_time() - t)
-                t = time.process_time()
-                hf(x, use_cache=False)
-                hf_t.append(time.process_time() - t)
-        ours_s, hf_s = sorted(ours_t)[repeats // 2], sorted(hf_t)[repeats // 2]
-        rows.append({"length": n, "ours_s": ours_s, "hf_s": hf_s, "ratio": ours_s / hf_s, "max_abs_logit_diff": delta})
-        progress(f"bench: forward {n} tokens: homer_ref {ours_s:.3f} s, HF {hf_s:.3f} s, ratio {ours_s / hf_s:.2f}")
+                for name in order.sample(sorted(runs), 2):
+                    t = time.process_time()
+                    runs[name]()
+                    times[name].append(time.process_time() - t)
+        ratios = sorted(a / b for a, b in zip(times["ours"], times["hf"]))
+        ours_s, hf_s = statistics.median(times["ours"]), statistics.median(times["hf"])
+        q1, q3 = ratios[(repeats - 1) // 4], ratios[(3 * repeats) // 4]
+        rows.append({"length": n, "ours_s": ours_s, "hf_s": hf_s, "ratio": statistics.median(ratios),
+                     "ratio_q1": q1, "ratio_q3": q3, "repeats": repeats, "max_abs_logit_diff": delta})  # fmt: skip
+        progress(f"bench: forward {n} tokens: homer_ref {ours_s:.3f} s, HF {hf_s:.3f} s (medians of {repeats}); "
+                 f"ratio {statistics.median(ratios):.3f} (quartiles {q1:.3f}-{q3:.3f})")  # fmt: skip
     return rows
 
 
@@ -303,7 +315,8 @@ def model_markdown(result: dict) -> str:
     out += _table(header, rows)
     for r in result["forward_vs_hf"]:
         out += ["", f"Forward pass at {r['length']} tokens: homer_ref {r['ours_s']:.2f} s, HF transformers "
-                f"{r['hf_s']:.2f} s CPU: forward_time_ratio_vs_hf = {r['ratio']:.2f} (max abs logit diff "
+                f"{r['hf_s']:.2f} s CPU (medians of {r['repeats']}): forward_time_ratio_vs_hf = {r['ratio']:.3f}, "
+                f"quartiles {r['ratio_q1']:.3f}-{r['ratio_q3']:.3f} (max abs logit diff "
                 f"{r['max_abs_logit_diff']:.1e})"]  # fmt: skip
     return "\n".join(out)
 
@@ -408,7 +421,8 @@ HF_COLUMNS = [
     ("tokens", "{length}"),
     ("homer_ref s", "{ours_s:.3f}"),
     ("HF s", "{hf_s:.3f}"),
-    ("ratio", "{ratio:.2f}"),
+    ("ratio (median of rounds)", "{ratio:.3f}"),
+    ("quartiles", "{ratio_q1:.3f}-{ratio_q3:.3f}"),
     ("max abs logit diff", "{max_abs_logit_diff:.1e}"),
 ]
 
@@ -432,7 +446,7 @@ def markdown(result: dict) -> str:
     llama2 = [r | {"level_order_ratio": r["level_order_kv"] / r["full_kv"]} for r in result["llama2_7b"]]
     out += _columns(llama2, LLAMA2_COLUMNS)
     if result["forward_vs_hf"]:
-        out += ["", "**Forward pass, homer_ref vs HF transformers** (bench model, float32, median):", ""]
+        out += ["", "**Forward pass, homer_ref vs HF transformers** (bench model, float32, rounds back to back):", ""]
         out += _columns(result["forward_vs_hf"], HF_COLUMNS)
     return "\n".join(out)
 
@@ -506,7 +520,7 @@ def main(argv: list[str] | None = None) -> int:
         else [],
         "llama2_7b": llama2_7b_shape([4096, 8192, 16384, 32768, 65536]),
         "forward_vs_hf": forward_vs_hf(
-            random_model(BENCH), [512] if args.quick else [512, 2048], 3 if args.quick else 5
+            random_model(BENCH), [512] if args.quick else [512, 2048], 3 if args.quick else 9
         ),
     }
     last = result["memory"][-1]
