@@ -1,14 +1,17 @@
 """A Llama forward pass in one file, written for reading (imports only torch).
 
-Order: config, RoPE, RMSNorm, attention, MLP, model. Loading checkpoints lives in `loading.py`.
+Order: config, RoPE, RMSNorm, attention, MLP, model. Loading checkpoints lives in `loading/`; the memory-lean
+loops that long prompts and token-by-token decoding need live beside decoding (`decoding.py`), so that this file
+keeps one forward path.
 
-Dimension legend (used in every shape comment of homer_ref):
-    B batch, T new tokens, S tokens already in the cache, D hidden size, V vocabulary,
-    Hq query heads, Hkv key/value heads (GQA when Hkv < Hq), Dh head dimension.
+Dimension legend (the same letters in every shape comment of homer_ref, reference/, the tests and tutorials):
+    B batch, n tokens of this call, past tokens already in the cache, D hidden size, F MLP width, V vocabulary,
+    L layers, Hq query heads, Hkv key/value heads (GQA when Hkv < Hq), Dh head dimension.
+(HOMER's own letters, P C S M T W E N H e R K, are in `homer/plan.py`; H is the tree height there, never heads.)
 
 Conventions, stated once:
 - RoPE uses HF's *half-split* layout: dimension i is paired with i + Dh/2 (`rotate_half`). Meta's and llama2.c's
-  checkpoints pair (2i, 2i+1) instead; `loading.py` permutes their q/k weights in one documented place.
+  checkpoints pair (2i, 2i+1) instead; `loading/` permutes their q/k weights in one documented place.
 - Positions are explicit integers per token and may repeat or go backwards (HOMER reuses position ids);
   attention is causal by *sequence index*, never by position.
 - Keys are cached *after* RoPE, so a cached key keeps the rotation of the position it was computed at.
@@ -25,9 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-Cache = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: (k [B, Hkv, S, Dh] after RoPE, v [B, Hkv, S, Dh])
+Cache = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: (k [B, Hkv, past, Dh] after RoPE, v [B, Hkv, past, Dh])
 ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3")
-MLP_ROWS = 4096  # a longer input runs the MLP this many tokens at a time: its F-wide activations are the largest
 
 
 @dataclass(frozen=True)
@@ -49,7 +51,7 @@ class RopeScaling:
 class LlamaConfig:
     vocab_size: int
     hidden_size: int  # D
-    intermediate_size: int
+    intermediate_size: int  # F
     num_hidden_layers: int  # L
     num_attention_heads: int  # Hq
     num_key_value_heads: int  # Hkv
@@ -104,10 +106,10 @@ def rope_frequencies(cfg: LlamaConfig, seq_len: int) -> tuple[torch.Tensor, floa
 
 
 def rope_cos_sin(cfg: LlamaConfig, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin [..., T, Dh] for integer positions [..., T] (any values: repeats and gaps are fine)."""
+    """cos, sin [..., n, Dh] for integer positions [..., n] (any values: repeats and gaps are fine)."""
     inv_freq, scale = rope_frequencies(cfg, int(positions.max()) + 1 if positions.numel() else 0)
-    angles = positions.to(torch.float64)[..., None] * inv_freq.to(positions.device)  # [..., T, Dh/2]
-    angles = torch.cat([angles, angles], dim=-1)  # [..., T, Dh]: half-split layout
+    angles = positions.to(torch.float64)[..., None] * inv_freq.to(positions.device)  # [..., n, Dh/2]
+    angles = torch.cat([angles, angles], dim=-1)  # [..., n, Dh]: half-split layout
     cos, sin = angles.cos(), angles.sin()
     if scale != 1.0:
         cos, sin = cos * scale, sin * scale
@@ -115,7 +117,7 @@ def rope_cos_sin(cfg: LlamaConfig, positions: torch.Tensor, dtype: torch.dtype) 
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x [B, H, T, Dh] by cos/sin [T, Dh] or [B, 1, T, Dh]; pairs are (i, i + Dh/2)."""
+    """Rotate x [B, heads, n, Dh] by cos/sin [n, Dh] or [B, 1, n, Dh]; pairs are (i, i + Dh/2)."""
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
@@ -195,93 +197,79 @@ class Llama(nn.Module):
     def attend(
         self,
         layer: int,
-        h: torch.Tensor,  # [B, T, D] input of the layer (the residual stream)
-        positions: torch.Tensor,  # [T] or [B, T] integer position ids of the T new tokens
-        past: tuple[torch.Tensor, torch.Tensor] | None = None,  # this layer's cache (k, v) [B, Hkv, S, Dh]
+        h: torch.Tensor,  # [B, n, D] input of the layer (the residual stream)
+        positions: torch.Tensor,  # [n] or [B, n] integer position ids of the n new tokens
+        past: tuple[torch.Tensor, torch.Tensor] | None = None,  # this layer's cache (k, v) [B, Hkv, past, Dh]
         last_query: bool = False,  # also return the last query's logits (HOMER's significance)
         rope: tuple[torch.Tensor, torch.Tensor] | None = None,  # rope_cos_sin(positions), when computed once
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """First half of decoder layer `layer`: h + attention(norm(h)), token i seeing cache and new tokens <= i.
+        """First half of decoder layer `layer`: h + attention(norm(h)), token i seeing the cache and new tokens <= i.
 
-        Returns (h [B, T, D], k [B, Hkv, S+T, Dh] after RoPE, v [B, Hkv, S+T, Dh], last_logits). With `last_query`,
-        last_logits [B, Hq, S+T] are the scaled pre-softmax logits of the last query against every key, in at least
-        float32 — the significance HOMER prunes by (HOMER_SPEC.md D.1); else None, so that a plain forward does
-        no HOMER work (HOMER asks only at a reduction layer, calibration at every layer).
+        Returns (h [B, n, D], k [B, Hkv, past+n, Dh] after RoPE, v [B, Hkv, past+n, Dh], last_logits). With
+        `last_query`, last_logits [B, Hq, past+n] are the scaled pre-softmax logits of the last query against every
+        key, in at least float32 — the significance HOMER prunes by (HOMER_SPEC.md D.1); else None, so that a plain
+        forward does no HOMER work (HOMER asks only at a reduction layer, calibration at every layer).
         """
         cfg, blk = self.cfg, self.layers[layer]
-        B, T, _ = h.shape
+        B, n, _ = h.shape
         Hq, Hkv, Dh = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         x = blk.input_layernorm(h)
-        q = blk.self_attn.q_proj(x).view(B, T, Hq, Dh).transpose(1, 2)  # [B, Hq, T, Dh]
-        k = blk.self_attn.k_proj(x).view(B, T, Hkv, Dh).transpose(1, 2)  # [B, Hkv, T, Dh]
-        v = blk.self_attn.v_proj(x).view(B, T, Hkv, Dh).transpose(1, 2)  # [B, Hkv, T, Dh]
+        q = blk.self_attn.q_proj(x).view(B, n, Hq, Dh).transpose(1, 2)  # [B, Hq, n, Dh]
+        k = blk.self_attn.k_proj(x).view(B, n, Hkv, Dh).transpose(1, 2)  # [B, Hkv, n, Dh]
+        v = blk.self_attn.v_proj(x).view(B, n, Hkv, Dh).transpose(1, 2)  # [B, Hkv, n, Dh]
         cos, sin = rope_cos_sin(cfg, positions, q.dtype) if rope is None else rope
-        if cos.dim() == 3:  # per-batch positions [B, T, Dh] -> [B, 1, T, Dh] to broadcast over heads
+        if cos.dim() == 3:  # per-batch positions [B, n, Dh] -> [B, 1, n, Dh] to broadcast over heads
             cos, sin = cos[:, None], sin[:, None]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if past is not None:
-            k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)  # [B, Hkv, S+T, Dh]
-        S = k.shape[2] - T
-        # Causal by sequence index: query i (at sequence index S+i) sees keys 0..S+i. With no cache this is the
-        # plain lower triangle; with a cache the mask is shifted right by S ("bottom-right" alignment).
-        mask = None if S == 0 else torch.ones(T, S + T, dtype=torch.bool, device=h.device).tril(diagonal=S)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=S == 0, enable_gqa=Hkv != Hq)
-        h = h + blk.self_attn.o_proj(y.transpose(1, 2).reshape(B, T, Hq * Dh))
+            k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)  # [B, Hkv, past+n, Dh]
+        cached = k.shape[2] - n
+        # Causal by sequence index: query i (at sequence index cached+i) sees keys 0..cached+i. With no cache this
+        # is the plain lower triangle; with a cache the mask is shifted right by `cached` ("bottom-right").
+        mask = None if cached == 0 else torch.ones(n, cached + n, dtype=torch.bool, device=h.device).tril(cached)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=cached == 0, enable_gqa=Hkv != Hq)
+        h = h + blk.self_attn.o_proj(y.transpose(1, 2).reshape(B, n, Hq * Dh))
         if not last_query:
             return h, k, v, None
         # Last query against all keys; query head j reads KV head j // (Hq / Hkv), exactly as attention does.
         score_dtype = torch.promote_types(q.dtype, torch.float32)
-        k_rep = k.to(score_dtype).repeat_interleave(Hq // Hkv, dim=1)  # [B, Hq, S+T, Dh]
-        last_logits = (k_rep @ q[:, :, -1, :, None].to(score_dtype)).squeeze(-1) / math.sqrt(Dh)  # [B, Hq, S+T]
+        k_rep = k.to(score_dtype).repeat_interleave(Hq // Hkv, dim=1)  # [B, Hq, past+n, Dh]
+        last_logits = (k_rep @ q[:, :, -1, :, None].to(score_dtype)).squeeze(-1) / math.sqrt(Dh)  # [B, Hq, past+n]
         return h, k, v, last_logits
 
     def feed_forward(self, layer: int, h: torch.Tensor) -> torch.Tensor:
-        """Second half of decoder layer `layer`: h [B, T, D] -> h + MLP(norm(h)).
-
-        Token by token, so a long input runs it in slices of MLP_ROWS tokens: the MLP's two [B, T, F]
-        intermediates of a 16k-token prompt would otherwise be 0.2 GB beside the KV cache (F = 1536)."""
+        """Second half of decoder layer `layer`: h [B, n, D] -> h + MLP(norm(h))."""
         blk = self.layers[layer]
-        if h.shape[1] <= MLP_ROWS:
-            return h + blk.mlp(blk.post_attention_layernorm(h))
-        return torch.cat([self.feed_forward(layer, part) for part in h.split(MLP_ROWS, dim=1)], dim=1)
+        return h + blk.mlp(blk.post_attention_layernorm(h))
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
-        """Final norm and output head: h [B, T, D] -> logits [B, T, V] in float32 (or float64)."""
+        """Final norm and output head: h [B, n, D] -> logits [B, n, V] in float32 (or float64)."""
         logits = self.lm_head(self.norm(h))
         return logits.to(torch.promote_types(logits.dtype, torch.float32))
 
     def forward_cached(
         self,
-        tokens: torch.Tensor,  # [B, T] token ids
-        positions: torch.Tensor | None = None,  # [T] or [B, T]; default S, S+1, ..., S+T-1
-        cache: Cache | None = None,  # per layer (k, v) [B, Hkv, S, Dh]; not modified unless `consume_cache`
-        all_logits: bool = False,  # logits of every token, or only of the last (what generation needs)
-        consume_cache: bool = False,  # let go of each layer's old entry in `cache` as soon as its new one is made
-        keep_cache: bool = True,  # False: return no cache (a one-shot forward frees each layer's K/V at once)
+        tokens: torch.Tensor,  # [B, n] token ids
+        positions: torch.Tensor | None = None,  # [n] or [B, n]; default past, past+1, ..., past+n-1
+        cache: Cache | None = None,  # per layer (k, v) [B, Hkv, past, Dh]; left as it is
     ) -> tuple[torch.Tensor, Cache]:
-        """Logits [B, T, V] (`all_logits`) or [B, 1, V], and the new cache (old entries, then the T new ones; empty
-        without `keep_cache`).
+        """Logits [B, n, V] of every token, and the cache extended by them: per layer (k, v) [B, Hkv, past+n, Dh].
 
-        Only the last row by default: a long prompt's logits are T x V floats nobody reads (16k tokens of a
-        49k-token vocabulary: 3.2 GB), while perplexity and traces ask for them all. A decoding loop, which drops
-        the old cache anyway, passes `consume_cache` (its entries become None) so that a step never holds the old
-        and the new cache of every layer at once (twice the KV memory).
+        The whole forward pass, one layer after the other. For long prompts and token-by-token decoding,
+        `homer_ref.decoding` runs the same two halves per layer with less memory (it keeps only what it needs).
         """
-        S = 0 if cache is None else cache[0][0].shape[2]
+        past = 0 if cache is None else cache[0][0].shape[2]
         if positions is None:
-            positions = torch.arange(S, S + tokens.shape[1], device=tokens.device)
-        h = self.embed_tokens(tokens)  # [B, T, D]
+            positions = torch.arange(past, past + tokens.shape[1], device=tokens.device)
+        h = self.embed_tokens(tokens)  # [B, n, D]
         rope = rope_cos_sin(self.cfg, positions, h.dtype)  # the same positions in every layer: computed once
         new_cache: Cache = []
         for layer in range(self.cfg.num_hidden_layers):
             h, k, v, _ = self.attend(layer, h, positions, None if cache is None else cache[layer], rope=rope)
-            if consume_cache:
-                cache[layer] = None
             h = self.feed_forward(layer, h)
-            if keep_cache:
-                new_cache.append((k, v))
-        return self.logits(h if all_logits else h[:, -1:]), new_cache
+            new_cache.append((k, v))
+        return self.logits(h), new_cache
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None, cache: Cache | None = None):
-        """tokens [B, T] -> logits [B, T, V] of every token. `forward_cached` also returns the KV cache."""
-        return self.forward_cached(tokens, positions, cache, all_logits=True, keep_cache=False)[0]
+        """tokens [B, n] -> logits [B, n, V] of every token. `forward_cached` also returns the KV cache."""
+        return self.forward_cached(tokens, positions, cache)[0]

@@ -22,7 +22,7 @@ from helpers import assert_close, hf_config, hf_logits, make_hf_llama, our_logit
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from homer_ref import llama, load_model
+from homer_ref import decoding, load_model
 from homer_ref.llama import LlamaConfig, RopeScaling, apply_rope, rope_cos_sin, rope_frequencies
 from homer_ref.loading import parse_config
 from reference import llama_np
@@ -213,7 +213,7 @@ def test_forward_matches_numpy_oracle(case):
 def test_layer_halves_match_oracle(tmp_path, monkeypatch, rope, Hq, Hkv):
     """attend (h, k, v after RoPE, last-query logits) and feed_forward, one layer at a time, both from the oracle's
     input to that layer, in float64; the second half of the sequence goes through `attend` with the first half as
-    its cache, so the cached path and its last-query logits over S + T keys are checked too; feed_forward also in
+    its cache, so the cached path and its last-query logits over past + n keys are checked too; feed_forward also in
     slices (a long input's path), which must not change a value."""
     make_hf_llama(
         tmp_path,
@@ -230,23 +230,25 @@ def test_layer_halves_match_oracle(tmp_path, monkeypatch, rope, Hq, Hkv):
     # Both calls reach the largest position, so that dynamic scaling uses one base for both (it grows the base
     # with the largest position of each call; keys cached earlier keep the rotation they got).
     tokens, positions = [3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5], [0, 1, 40, 30, 30, 31, 5, 6, 7, 40, 2]
-    S = 5  # tokens in the cache when the rest is attended
-    h = llama_np.embed(config, weights, tokens)  # [T, D]
+    past = 5  # tokens in the cache when the rest is attended
+    h = llama_np.embed(config, weights, tokens)  # [n, D]
     pos = torch.tensor(positions)
     for layer in range(config["num_hidden_layers"]):
         h_attn, k, v, last = llama_np.attention_layer(config, weights, layer, h, np.array(positions))
         with torch.no_grad():
             ours = model.attend(layer, torch.from_numpy(h)[None], pos, last_query=True)
-            _, k_past, v_past, _ = model.attend(layer, torch.from_numpy(h[:S])[None], pos[:S])
-            cached = model.attend(layer, torch.from_numpy(h[S:])[None], pos[S:], (k_past, v_past), last_query=True)
+            _, k_past, v_past, _ = model.attend(layer, torch.from_numpy(h[:past])[None], pos[:past])
+            cached = model.attend(
+                layer, torch.from_numpy(h[past:])[None], pos[past:], (k_past, v_past), last_query=True
+            )
             ff = model.feed_forward(layer, torch.from_numpy(h_attn)[None])
             with monkeypatch.context() as patch:
-                patch.setattr(llama, "MLP_ROWS", 4)  # 11 tokens in slices of 4, 4 and 3
-                ff_sliced = model.feed_forward(layer, torch.from_numpy(h_attn)[None])
+                patch.setattr(decoding, "MLP_ROWS", 4)  # 11 tokens in slices of 4, 4 and 3
+                ff_sliced = decoding.feed_forward_in_rows(model, layer, torch.from_numpy(h_attn)[None])
         for name, got, want in (("h", ours[0][0], h_attn), ("k", ours[1][0], k), ("v", ours[2][0], v)):
             assert_close(got, want, "layer_float64", f"layer {layer} attend {name}")
-        assert_close(ours[3][0], last, "layer_float64", f"layer {layer} last-query logits [Hq, T]")
-        assert_close(cached[0][0], h_attn[S:], "layer_float64", f"layer {layer} attend h with a cache")
+        assert_close(ours[3][0], last, "layer_float64", f"layer {layer} last-query logits [Hq, n]")
+        assert_close(cached[0][0], h_attn[past:], "layer_float64", f"layer {layer} attend h with a cache")
         assert_close(cached[1][0], k, "layer_float64", f"layer {layer} cache keys after RoPE")
         assert_close(cached[3][0], last, "layer_float64", f"layer {layer} last-query logits with a cache")
         h = llama_np.mlp_layer(config, weights, layer, h_attn)
@@ -324,27 +326,44 @@ def model64(tmp_path_factory):
 def test_kv_cache_decoding_equals_full_forward(model64, data):
     """Feeding the tokens in pieces through forward_cached, each piece attending to the cache of the earlier ones,
     gives the logits of one full call; the final cache holds every token in every layer."""
-    T = data.draw(st.integers(2, 16), "T")
-    tokens = data.draw(st.lists(st.integers(0, 60), min_size=T, max_size=T), "tokens")
-    positions = data.draw(positions_strategy(T), "positions")
-    cuts = sorted(set(data.draw(st.lists(st.integers(1, T - 1), max_size=T), "cuts")))
+    n = data.draw(st.integers(2, 16), "n")
+    tokens = data.draw(st.lists(st.integers(0, 60), min_size=n, max_size=n), "tokens")
+    positions = data.draw(positions_strategy(n), "positions")
+    cuts = sorted(set(data.draw(st.lists(st.integers(1, n - 1), max_size=n), "cuts")))
     full = model64(torch.tensor([tokens]), None if positions is None else torch.tensor(positions))
     cache, pieces = None, []
-    for a, b in zip([0, *cuts], [*cuts, T]):
-        piece_positions = None if positions is None else torch.tensor(positions[a:b])  # None: continue from S
-        logits, cache = model64.forward_cached(torch.tensor([tokens[a:b]]), piece_positions, cache, all_logits=True)
+    for a, b in zip([0, *cuts], [*cuts, n]):
+        piece_positions = None if positions is None else torch.tensor(positions[a:b])  # None: continue the cache
+        logits, cache = model64.forward_cached(torch.tensor([tokens[a:b]]), piece_positions, cache)
         pieces.append(logits)
     assert_close(torch.cat(pieces, dim=1), full, "cache_float64", f"pieces cut at {cuts}, positions={positions}")
     cfg = model64.cfg
     assert len(cache) == cfg.num_hidden_layers
-    assert all(k.shape == v.shape == (1, cfg.num_key_value_heads, T, cfg.head_dim) for k, v in cache)
+    assert all(k.shape == v.shape == (1, cfg.num_key_value_heads, n, cfg.head_dim) for k, v in cache)
+
+
+def test_the_lean_loops_of_decoding_equal_the_reference_forward(model64, monkeypatch):
+    """`decoding.prefill`, `step` and `all_logits` (the MLP in rows of MLP_ROWS tokens, each old cache entry let go
+    as its layer is replaced) give the reference forward's logits and cache; `step` empties the cache it takes."""
+    monkeypatch.setattr(decoding, "MLP_ROWS", 4)  # 9 prompt tokens in slices of 4, 4 and 1
+    tokens = list(range(1, 13))
+    full, full_cache = model64.forward_cached(torch.tensor([tokens]))
+    last, cache = decoding.prefill(model64, torch.tensor([tokens[:9]]))
+    assert_close(last, full[:, 8], "cache_float64", "prefill: the last prompt token's logits")
+    given = cache
+    last, cache = decoding.step(model64, torch.tensor([tokens[9:]]), torch.arange(9, 12), cache)
+    assert all(entry is None for entry in given), "step consumed the cache it was given"
+    assert_close(last, full[:, -1], "cache_float64", "step: the last token's logits")
+    for (k, v), (k_full, v_full) in zip(cache, full_cache):
+        assert_close(k, k_full, "cache_float64", "keys") and assert_close(v, v_full, "cache_float64", "values")
+    assert_close(decoding.all_logits(model64, torch.tensor([tokens])), full, "cache_float64", "all_logits")
 
 
 def test_token_by_token_decoding_equals_full_forward(model64):
     """The decoding pattern: a prompt, then one token per call at the next position."""
     tokens = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]
     full = model64(torch.tensor([tokens]))
-    logits, cache = model64.forward_cached(torch.tensor([tokens[:3]]), all_logits=True)
+    logits, cache = model64.forward_cached(torch.tensor([tokens[:3]]))
     rows = [logits]
     for i in range(3, len(tokens)):
         logits, cache = model64.forward_cached(torch.tensor([[tokens[i]]]), torch.tensor([i]), cache)
