@@ -1,11 +1,12 @@
 """Realistic mistakes in a HOMER implementation, each a small edit of homer_ref's own source (tests/test_mutations.py).
 
 A `Mutation` names the rule it breaks and the edit: in the source of one or more homer_ref functions, each `old`
-text (which must occur exactly once) becomes `new`. `applied(mutation)` compiles the edited functions and puts
-them wherever homer_ref holds the originals (module attributes, class methods) until the block ends, so the
-trace command then runs the broken implementation. `starts_at(trace, case)` says, from the answer key alone,
-which node the mistake first changes — None when it changes nothing in that case — so the test can check that
-the kit's first divergence names it.
+code text (which must occur exactly once) becomes `new`. Code is matched, not comments: comments are taken out of
+the function's source first, so rewording a comment never breaks a mutation. `applied(mutation)` compiles the
+edited functions and puts them wherever homer_ref holds the originals (module attributes, class methods) until
+the block ends, so the trace command then runs the broken implementation. `starts_at(trace, case)` says, from the
+answer key alone, which node the mistake first changes — None when it changes nothing in that case — so the test
+can check that the kit's first divergence names it.
 
     python tests/mutations.py NAME --model ... --input ... --bias ... --out ...
 
@@ -16,10 +17,12 @@ conformance command's tests.
 import contextlib
 import importlib
 import inspect
+import io
 import json
 import struct
 import sys
 import textwrap
+import tokenize
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -201,11 +204,11 @@ def leaf_zero_for(rope_type: str):
 # ----------------------------------------------------------------------------------------------- the mistakes
 
 _LAYERS = "return (0, W + lo + lpc) if level == 0 else (W + lo + lpc * level, W + lo + lpc * (level + 1))"
-_PRUNE = """            if layer == last - 1 and prunes:
-                scores = significance(node, layer, last_logits, chunk)
-                kept, removed = reduction.select(scores, n - node.target)
-                chunk = keep_slots(chunk, kept)  # propagative refinement (F)
-            chunk.h = model.feed_forward(layer, chunk.h[None])[0]"""
+_PRUNE = """        if reduces:
+            scores = significance(run, node, layer, last_logits, chunk)
+            kept, removed = reduction.select(scores, n - node.target)
+            chunk = keep_slots(chunk, kept)
+        chunk.h = model.feed_forward(layer, chunk.h[None])[0]"""
 _ATTEND = "h, keys, values, last_logits = model.attend(layer, chunk.h[None], chunk.positions, last_query=asks)"
 _SCORE = "last_logits = (k_rep @ q[:, :, -1, :, None].to(score_dtype)).squeeze(-1) / math.sqrt(Dh)"
 _AVG_SUFFIX = "(left.narrow(dim, nl - S, S) + right.narrow(dim, nr - S, S)) / 2,"
@@ -239,7 +242,7 @@ MUTATIONS = [
              ((reduction.significance, "distance = positions[-1] - positions",
                "distance = torch.arange(len(positions) - 1, -1, -1)"),), first_noncontiguous_pruning),
     Mutation("no_causal_mask", "no causal mask: every slot attends to every other (A, C.2)",
-             ((llama.Llama.attend, "is_causal=S == 0", "is_causal=False"),), first_node),
+             ((llama.Llama.attend, "is_causal=cached == 0", "is_causal=False"),), first_node),
     Mutation("mean_over_heads", "significance: mean over query heads instead of max (D.1)",
              ((reduction.significance, "last_logits.amax(dim=0)", "last_logits.mean(dim=0)"),),
              first_logit_pruning),
@@ -254,13 +257,12 @@ MUTATIONS = [
              first_logit_pruning),
     Mutation("prune_before_attention_output", "pruned before the reduction layer's attention output is added: the "
              "kept slots' attention at that layer no longer sees the pruned ones (C.2)",
-             ((prefill.homer_prefill, _ATTEND, "h_in = chunk.h\n            " + _ATTEND),
-              (prefill.homer_prefill, "chunk = keep_slots(chunk, kept)  # propagative refinement (F)",
-               "chunk = keep_slots(chunk, kept)\n                chunk.h = model.attend(layer, h_in[kept][None], "
+             ((prefill.run_node, _ATTEND, "h_in = chunk.h\n        " + _ATTEND),
+              (prefill.run_node, "chunk = keep_slots(chunk, kept)",
+               "chunk = keep_slots(chunk, kept)\n            chunk.h = model.attend(layer, h_in[kept][None], "
                "chunk.positions)[0][0]")), first_pruning),
     Mutation("prune_at_first_layer", "reduction at the first layer of a node's block instead of its last (C.2)",
-             ((prefill.homer_prefill, "if layer == last - 1 and prunes:", "if layer == first and prunes:"),
-              (prefill.homer_prefill, "asks = layer == last - 1 and prunes", "asks = layer == first and prunes")),
+             ((prefill.run_node, "reduces = layer == last - 1 and prunes", "reduces = layer == first and prunes"),),
              first_pruning_block),
     Mutation("global_positions", "global positions: leaf i's context at P + i*e, the suffix at P + C (B.3)",
              ((chunking.leaf_positions, "return list(range(P + c)) + list(range(P + plan.e, P + plan.e + S))",
@@ -282,7 +284,7 @@ MUTATIONS = [
              ((llama.rope_frequencies, "return inv_freq, scale", "return inv_freq, 1.0"),), leaf_zero_for("yarn")),
     Mutation("prune_after_mlp", "pruning after the reduction layer's MLP instead of before: harmless, the MLP acts "
              "per token (N.1)",
-             ((prefill.homer_prefill, _PRUNE, "            chunk.h = model.feed_forward(layer, chunk.h[None])[0]\n"
+             ((prefill.run_node, _PRUNE, "        chunk.h = model.feed_forward(layer, chunk.h[None])[0]\n"
                + _PRUNE.rsplit("\n", 1)[0]),), lambda t, c: None, harmless=True),
 ]  # fmt: skip
 BY_NAME = {m.name: m for m in MUTATIONS}
@@ -291,9 +293,20 @@ BY_NAME = {m.name: m for m in MUTATIONS}
 # ----------------------------------------------------------------------------------------------- applying
 
 
+def without_comments(source: str) -> str:
+    """`source` with its comments taken out (and the blanks before them): the code alone, line for line."""
+    comments = {}  # line number -> column where its comment starts
+    for token in tokenize.generate_tokens(io.StringIO(source).readline):
+        if token.type == tokenize.COMMENT:
+            comments[token.start[0]] = token.start[1]
+    lines = source.split("\n")
+    return "\n".join(line[: comments[i + 1]].rstrip() if i + 1 in comments else line for i, line in enumerate(lines))
+
+
 def _patched(function: Callable, edits: list[tuple[str, str]]) -> Callable:
-    """`function` compiled again from its source with the edits made, in a copy of its module's globals."""
-    source = textwrap.dedent(inspect.getsource(function))
+    """`function` compiled again from its source (comments taken out) with the edits made, in a copy of its
+    module's globals."""
+    source = without_comments(textwrap.dedent(inspect.getsource(function)))
     for old, new in edits:
         assert source.count(old) == 1, f"{function.__qualname__}: {old!r} occurs {source.count(old)} times"
         source = source.replace(old, new)

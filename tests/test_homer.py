@@ -103,7 +103,7 @@ def test_single_chunk_is_the_plain_forward(dtype, case):
     bias = bias if c["reduction"] == "calibrated" else None
     config = HomerConfig(c["M"], c["T"], c["W"], c["reduction"], seed=c["seed"])
     result = homer_prefill(model, ids[:P], ids[P : P + C], ids[P + C :], config, bias=bias, all_logits=True)
-    logits, cache = model.forward_cached(torch.tensor([ids]), all_logits=True)
+    logits, cache = model.forward_cached(torch.tensor([ids]))
     n = len(ids)
     assert result.positions.tolist() == list(range(n))
     assert result.last_position == n - 1
@@ -530,7 +530,7 @@ def test_continuation_with_a_trivial_plan_is_the_plain_forward():
     ids = random_ids(np.random.default_rng(1), 32, 14)
     cache = homer_prefill(model, ids[:2], ids[2:8], ids[8:10], HomerConfig(16, 16, 1, "uncalibrated"))
     got = continuation_logits(model, cache, ids[10:])
-    want = model.forward_cached(torch.tensor([ids]), all_logits=True)[0][0, 10:]
+    want = model.forward_cached(torch.tensor([ids]))[0][0, 10:]
     assert_close(got, want, "cache_float64", "continuation logits")
 
 

@@ -8,8 +8,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from homer_ref.cli.bench import macs
 from homer_ref.homer import homer_prefill
+from homer_ref.homer.cost import macs
 from homer_ref.homer.plan import HomerConfig, plan
 from homer_ref.homer.traversal import g2_bound, plain_kv, simulate_live_kv
 from homer_ref.llama import Llama, LlamaConfig
@@ -76,7 +76,7 @@ def test_operation_counts_agree_when_homer_is_trivial():
 
 def test_bench_measurement_reports_the_simulated_live_kv():
     """The benchmark's per-run measurement (what its tables are made of) on a short input of the bench model."""
-    from homer_ref.cli.bench import BENCH, P_BENCH, S_BENCH, measure_one
+    from homer_ref.benchmark.measure import BENCH, P_BENCH, S_BENCH, measure_one
 
     row = measure_one("bench", "homer_depth_first", 600, 128)
     p = plan(BENCH.num_hidden_layers, HomerConfig(128, 128, 0), P_BENCH, 600 - P_BENCH - S_BENCH, S_BENCH)
@@ -109,7 +109,7 @@ FREED_PROBE = """
 import sys
 from pathlib import Path
 import torch
-from homer_ref.cli.common import current_rss, return_freed_memory
+from homer_ref.memory import current_rss, return_freed_memory
 
 def resident():  # exact: /proc/self/status's VmRSS may lag (per-thread counters, huge-page faults)
     try:

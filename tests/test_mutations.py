@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 from helpers import MUTATION_TABLE
-from mutations import MUTATIONS, applied
+from mutations import MUTATIONS, applied, without_comments
 
 from homer_ref.cli import trace
 from homer_ref.testing import load_cases, load_trace, run_cases
@@ -51,6 +51,13 @@ def test_the_mistake_is_caught_where_it_starts(mutation, tmp_path):
         if node is None:
             assert r.ok, f"{r.case.name}: the mistake should change nothing here, but {r.message}"
         elif r.status == "diverge":
-            assert f"node (level {node[0]}, index {node[1]})" in r.message, f"{r.case.name}: {r.message}"
+            assert f"node {node[0]}.{node[1]}" in r.message, f"{r.case.name}: {r.message}"
         else:
             assert r.status == "error", f"{r.case.name}: the mistake changes node {node}, but the case passes"
+
+
+def test_mistakes_are_matched_in_code_not_comments():
+    """Rewording a comment of homer_ref never breaks a mutation: comments are taken out before matching."""
+    source = 'def f(x):\n    y = x + 1  # one more\n    # a note\n    return f"#{y}"\n'
+    assert without_comments(source) == 'def f(x):\n    y = x + 1\n\n    return f"#{y}"\n'
+    assert all("#" not in old for m in MUTATIONS for _, old, _ in m.edits), "an edit names code, not a comment"

@@ -350,7 +350,7 @@ def test_gqa_model_runs(Hkv):
 def test_str_lists_every_node():
     p = plan(8, HomerConfig(8, 8, 2), P=1, C=40, S=1)  # 8 leaves, 15 nodes
     text = str(p)
-    rows = [tuple(int(x) for x in m) for m in re.findall(r"^\s*(\d+)\s+(\d+)\s+\[", text, flags=re.M)]
+    rows = [tuple(int(x) for x in m) for m in re.findall(r"^\s*(\d+)\.(\d+)\s+\[", text, flags=re.M)]
     expected = [(lvl, i) for lvl in range(4) for i in range(8 >> lvl)]
     assert sorted(rows) == sorted(expected), text
     for word in ("L=8", "W=2", "M=8", "C=40", "N=8", "lpc=1", "lo=2"):

@@ -14,16 +14,17 @@
 # important stays, minus a **calibration bias** for its distance (D.2). Prefix and suffix get +∞: never pruned
 # (D.3). The lowest scores go, ties broken by the earlier slot (N.2.3); the survivors keep their order.
 #
-# On the shipped model, whose passkey hides in leaf 9 of our prompt, a right choice is visible: the digits and
-# the words "pass key" must survive.
+# On the shipped model, whose passkey hides in node 0.9 of our prompt (level 0, index 9: the tenth leaf), a right
+# choice is visible: the digits and the words "pass key" must survive.
 
 # %%
-import torch
-from common import demo_config, demo_prompt, passkey_model, pieces
+from dataclasses import replace
 
-from homer_ref.homer import homer_generate, homer_prefill, plan, reduction
+import torch
+from common import demo_config, demo_prompt, passkey_model
+
+from homer_ref.homer import Run, homer_generate, homer_prefill, leaf_chunk, plan, reduction, run_node
 from homer_ref.homer.calibration import calibrate
-from homer_ref.homer.chunking import make_leaf
 from homer_ref.llama import apply_rope, rope_cos_sin
 from homer_ref.tasks import passkey
 
@@ -36,32 +37,37 @@ i = prompt.digit_slots[0] // p.e  # the leaf holding the passkey
 needle = range(prompt.digit_slots[0] - 5, prompt.digit_slots[-1] + 2)  # "The pass key is 5 6 9 9 3 . ... 3 ."
 node = p.nodes[(0, i)]
 layer = node.layers[1] - 1  # where it prunes
-ids, positions, is_context, sources = make_leaf(p, i, prompt.prefix, prompt.context, prompt.suffix)
-n, k = len(ids), len(ids) - node.target
-print(f"leaf {i}: {n} slots, layers {node.layers[0]}-{layer}, target {node.target}: removes {k} at layer {layer}")
+run = Run(model, p, prompt.prefix, prompt.context, prompt.suffix, bias=bias)  # what every node of the run shares
+leaf = leaf_chunk(run, i)  # its input: embedded tokens, positions, the reduction mask, each slot's prompt index
+positions, is_context, sources = leaf.positions, leaf.is_context, leaf.sources
+n, k = len(leaf), len(leaf) - node.target
+print(f"{node.name}: {n} slots, layers {node.layers[0]}-{layer}, target {node.target}: removes {k} at layer {layer}")
 
 # %% [markdown]
 # ## 1. The score, from the weights
 #
-# Run the leaf up to its reduction layer. `attend` returns the last query's logits against every key; to see
-# nothing is hidden in them, recompute them from the layer's weights: the last token's query, rotated by RoPE,
-# against every rotated key (this model has as many key/value heads as query heads; for GQA models query head
-# h reads KV head h // (Hq/Hkv), N.2.2).
+# `run_node` is one node's step, as the library runs it: its block of layers, then the reduction at the last
+# one. Run the leaf's layers *below* its reduction layer with it (the same node, its block cut short before the
+# reduction layer, its target its whole input: nothing pruned); then take the reduction layer's attention by
+# hand. `attend` returns the last query's logits against every key; to see nothing is hidden in them, recompute
+# them from the layer's weights: the last token's query, rotated by RoPE, against every rotated key (this model
+# has as many key/value heads as query heads; for GQA models query head h reads KV head h // (Hq/Hkv), N.2.2).
 
 # %%
-h = model.embed_tokens(ids)[None]  # [1, n, D]
-for lower in range(node.layers[0], layer):
-    h = model.feed_forward(lower, model.attend(lower, h, positions)[0])
-_, keys, _, last_logits = model.attend(layer, h, positions, last_query=True)  # keys [1, H, n, Dh]; [1, H, n]
+below, _ = run_node(run, replace(node, layers=(node.layers[0], layer), target=n), leaf_chunk(run, i))
+h = below.h[None]  # [1, n, D]: the input of the reduction layer
+_, keys, _, last_logits = model.attend(layer, h, positions, last_query=True)  # keys [1, Hkv, n, Dh]; [1, Hq, n]
 block, Dh = model.layers[layer].self_attn, model.cfg.head_dim
 x = model.layers[layer].input_layernorm(h)  # [1, n, D]
-q = block.q_proj(x).view(1, n, -1, Dh).transpose(1, 2)  # [1, H, n, Dh]
-q_last = apply_rope(q, *rope_cos_sin(model.cfg, positions, q.dtype))[0, :, -1]  # [H, Dh]
-by_hand = (keys[0] @ q_last[:, :, None])[..., 0] / Dh**0.5  # [H, n]
+q = block.q_proj(x).view(1, n, -1, Dh).transpose(1, 2)  # [1, Hq, n, Dh]
+q_last = apply_rope(q, *rope_cos_sin(model.cfg, positions, q.dtype))[0, :, -1]  # [Hq, Dh]
+by_hand = (keys[0] @ q_last[:, :, None])[..., 0] / Dh**0.5  # [Hq, n] (Hq = Hkv here)
 print(f"max |by hand - attend's last_logits| = {float((by_hand - last_logits[0]).abs().max()):.1e}")
 scores = reduction.significance(last_logits[0], positions, is_context, bias[layer])  # [n], +inf on affixes
 top = scores.masked_fill(~is_context, -float("inf")).argsort(descending=True)[:14].tolist()
-print("most significant context tokens:", "".join(f"[{t}]" for t in pieces(tok, ids[top].tolist())))
+print(
+    "most significant context tokens:", "".join(f"[{t}]" for t in tok.token_texts(prompt.ids[s] for s in sources[top]))
+)
 
 # %% [markdown]
 # ## 2. Calibration: subtracting what distance alone explains
@@ -97,7 +103,7 @@ print(f"still beats every other context token by {lead:.2f}")
 #
 # The paper's ablation compares **calibrated**, **uncalibrated** (no bias) and **random** pruning. Run the whole
 # tree in each mode and follow the needle through it: every node's trace records which prompt token each of its
-# input slots holds (`input_sources`; `plan.part` names it) and which slots it removed. At leaf 9 a mere 9 of
+# input slots holds (`input_sources`; `plan.part` names it) and which slots it removed. At node 0.9 a mere 9 of
 # 138 slots go; at its parent node 1.4, 118 of 247 — there the choice matters.
 
 # %%
@@ -109,7 +115,7 @@ caches = {mode: homer_prefill(model, *parts, demo_config(reduction=mode), bias=b
 def needle_after(trace) -> str:
     """The needle's tokens as this node leaves them: removed ones as '·'."""
     kept = {int(trace.input_sources[j]) - P for j in trace.kept.tolist()}  # context indices of the kept slots
-    texts = pieces(tok, [prompt.context[c] for c in needle])
+    texts = tok.token_texts([prompt.context[c] for c in needle])
     return "".join(text if c in kept else "·" * len(text) for c, text in zip(needle, texts))
 
 
@@ -118,7 +124,7 @@ differ = len(kept_tokens["calibrated"] - kept_tokens["uncalibrated"])
 print(f"node 1.{i // 2}: calibrated and uncalibrated keep different tokens in {differ} of 129 slots")
 for mode, cache in caches.items():
     answer = tok.decode(homer_generate(model, cache, passkey.ANSWER_TOKENS))
-    print(f"{mode:13s} leaf {i}: {needle_after(cache.node(0, i))!r}\n{'':13s} node 1.{i // 2}: "
+    print(f"{mode:13s} node 0.{i}: {needle_after(cache.node(0, i))!r}\n{'':13s} node 1.{i // 2}: "
           f"{needle_after(cache.node(1, i // 2))!r}   answer {answer!r}")  # fmt: skip
 
 # %% [markdown]
@@ -135,7 +141,7 @@ print(f"scores [1, 0, 0, 2, 0, inf], remove 2: removed slots {removed.tolist()},
 # %% [markdown]
 # ## Checks
 #
-# The library's leaf 9 made our decision; and at every node of every mode, the removed slots are exactly the
+# The library's node 0.9 made our decision; and at every node of every mode, the removed slots are exactly the
 # k lowest by (score, index), recomputed here by plain Python sorting.
 
 # %%
@@ -151,7 +157,9 @@ for cache in caches.values():
         if t.scores is not None:
             lowest = sorted(range(len(t.scores)), key=lambda j: (float(t.scores[j]), j))[: len(t.removed)]
             assert sorted(lowest) == t.removed.tolist() and bool(t.scores[t.removed].isfinite().all())
-essential = {c for c in needle if c in prompt.digit_slots or pieces(tok, [prompt.context[c]])[0] in (" pass", " key")}
+essential = {
+    c for c in needle if c in prompt.digit_slots or tok.token_texts([prompt.context[c]])[0] in (" pass", " key")
+}
 for mode, cache in caches.items():  # the digits and the words "pass key" survive every node, unless random
     survived = all(essential <= {int(s) - P for s in t.input_sources[t.kept]} for t in cache.nodes if t.level <= 1
                    and set(prompt.digit_slots) & {int(s) - P for s in t.input_sources})  # fmt: skip
@@ -162,8 +170,9 @@ print("all checks passed")
 # %% [markdown]
 # ## Try this
 #
-# 1. Score leaf 9 with the *mean* over heads instead of the max (`last_logits[0].mean(0)`): do the digits still
-#    rank first? (This is the broken variant `tests/test_conformance_example.py` catches.)
+# 1. Score node 0.9 with the *mean* over heads instead of the max (`last_logits[0].mean(0)`): do the digits still
+#    rank first? (This is the mistake "mean_over_heads" of `tests/mutations.py`, which the fixtures catch:
+#    `tests/test_mutations.py`.)
 # 2. Calibrate on the prompt's own context (`homer_ref.homer.calibration.calibrate_on_context(model,
 #    prompt.context, 248)`) and rerun: does the answer change? (The model card: calibration makes no measurable
 #    difference on this toy; it matters for Llama-2.)

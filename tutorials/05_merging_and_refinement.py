@@ -11,22 +11,21 @@
 # the next block of layers. Positions are copied, never renumbered. And whenever a node prunes at its layer k,
 # the same slots leave the cache of **every layer 0..k** it holds (**propagative refinement**, F): in the end
 # each token is in every layer's cache or in none, so the result is an ordinary KV cache with the same slots in
-# all L layers. This tutorial merges the passkey's leaf with its sibling by hand, follows every token through
-# the tree, and draws the whole run as one picture.
+# all L layers. This tutorial merges the passkey's leaf with its sibling, follows every token through the tree,
+# and draws the whole run as one picture.
 
 # %%
 import tempfile
 import xml.etree.ElementTree as ET
+from dataclasses import replace
 from pathlib import Path
 
 import torch
-from common import demo_config, demo_prompt, passkey_model, pieces, runs
+from common import demo_config, demo_prompt, passkey_model, runs
 
-from homer_ref.cli.explain import render_html
-from homer_ref.homer import homer_prefill
-from homer_ref.homer.chunking import Chunk, make_leaf
+from homer_ref.homer import Run, homer_prefill, leaf_chunk, run_node
 from homer_ref.homer.merging import merge
-from homer_ref.homer.refinement import keep_slots
+from homer_ref.picture import render_html
 
 model, tok, bias = passkey_model()
 prompt = demo_prompt(tok)
@@ -34,30 +33,22 @@ parts = prompt.prefix, prompt.context, prompt.suffix
 cache = homer_prefill(model, *parts, demo_config(), bias=bias)
 p, L = cache.plan, model.cfg.num_hidden_layers
 P, S = p.P, p.S
-i = prompt.digit_slots[0] // p.e  # the passkey's leaf (9); its sibling is i ^ 1 (8)
+i = prompt.digit_slots[0] // p.e  # the passkey's leaf, node 0.9; its sibling is node 0.8 (index i ^ 1)
 
 # %% [markdown]
-# ## 1. One merge, by hand
+# ## 1. One merge, step by step
 #
-# Run leaves 8 and 9 through their block (layers 0–3), pruning at layer 3 the slots the library's trace says they
-# removed. `keep_slots` is refinement itself: one choice of slots applied to the hidden states, positions and
-# the cache of every layer the chunk holds. Then merge.
+# `run_node` is one node's step, the function the library's traversal calls for every node: the node's block of
+# layers (0–3 for a leaf here), and at its last layer, after attention and before the MLP, the pruning to its
+# target — applied by `refinement.keep_slots` to the hidden states, the positions and the cache of *every*
+# layer the chunk holds: refinement itself. Run nodes 0.8 and 0.9 with it, then merge them.
 
 
 # %%
-def run_leaf(j: int) -> Chunk:
-    leaf, node = make_leaf(p, j, *parts), p.nodes[(0, j)]
-    chunk = Chunk(model.embed_tokens(leaf.ids), leaf.positions, leaf.is_context, leaf.sources)
-    for layer in range(*node.layers):
-        h, k, v, _ = model.attend(layer, chunk.h[None], chunk.positions)
-        chunk.h, chunk.keys, chunk.values = h[0], chunk.keys + [k[0]], chunk.values + [v[0]]  # k, v [H, n, Dh]
-        if layer == node.layers[1] - 1:  # prune after attention, before the MLP, in all layers 0..layer
-            chunk = keep_slots(chunk, cache.node(0, j).kept)
-        chunk.h = model.feed_forward(layer, chunk.h[None])[0]
-    return chunk
-
-
-left, right = run_leaf(i ^ 1), run_leaf(i)
+run = Run(model, p, *parts, bias=bias)  # what every node of this prefill shares: model, plan, prompt, bias
+left, left_trace = run_node(run, p.nodes[(0, i ^ 1)], leaf_chunk(run, i ^ 1))
+right, right_trace = run_node(run, p.nodes[(0, i)], leaf_chunk(run, i))
+assert torch.equal(right_trace.kept, cache.node(0, i).kept), "the same decision as the whole run's"
 n_left, n_right = len(left), len(right)
 left_prefix, right_prefix = left.keys[2][:, :P].clone(), right.keys[2][:, :P].clone()
 left_suffix, right_suffix = left.keys[2][:, -S:].clone(), right.keys[2][:, -S:].clone()
@@ -102,12 +93,12 @@ print(f"the first digit's K/V: slot {cache.sources.tolist().index(first_digit)} 
 # %% [markdown]
 # ## 3. The picture
 #
-# `homer_ref.cli.explain.render_html` draws a run as one self-contained page (`python -m homer_ref.explain`
+# `homer_ref.picture.render_html` draws a run as one self-contained page (`python -m homer_ref.explain`
 # writes the same for any prompt): the tree, every node's tokens — removed ones struck out or collapsed,
 # kept ones coloured by significance — and the final cache with its positions. The passkey's digits are marked.
 
 # %%
-page = render_html(cache, pieces(tok, prompt.ids), "HOMER on the passkey prompt of tutorials 01-05",
+page = render_html(cache, tok.token_texts(prompt.ids), "HOMER on the passkey prompt of tutorials 01-05",
                    [f"true passkey {prompt.passkey}"], marked={P + c for c in prompt.digit_slots})  # fmt: skip
 out = Path(tempfile.gettempdir()) / "homer_passkey.html"
 out.write_text(page, encoding="utf-8")
@@ -128,15 +119,10 @@ assert merged.positions.tolist() == node.input_positions.tolist() and torch.equa
 assert len(merged) == n_left + n_right - P - S and float((left_prefix - right_prefix).abs().max()) == 0.0
 assert torch.equal(merged.keys[2][:, -S:], (left_suffix + right_suffix) / 2), "the suffix is the average"
 assert all(k.shape[1] == len(cache.positions) == p.final_len for k in cache.keys + cache.values)
-leaf_keys = []  # per leaf, per leaf layer: [H, n, Dh], computed on its own
+leaf_keys = []  # per leaf, per leaf layer: [Hkv, n, Dh], computed on its own with nothing pruned
 for j in range(p.N):
-    leaf, h, keys = make_leaf(p, j, *parts), None, []
-    h = model.embed_tokens(leaf.ids)[None]
-    for layer in range(*p.nodes[(0, j)].layers):
-        h, k, _, _ = model.attend(layer, h, leaf.positions)
-        h = model.feed_forward(layer, h)
-        keys.append(k[0])
-    leaf_keys.append(keys)
+    whole = replace(p.nodes[(0, j)], target=p.input_len(p.nodes[(0, j)]))  # the leaf, its target its whole input
+    leaf_keys.append(run_node(run, whole, leaf_chunk(run, j))[0].keys)
 for slot, (part, c) in enumerate(cache.slot_sources()):
     if part == "context":
         j = c // p.e  # its leaf, where it sat at slot P + c - j*e
@@ -154,8 +140,8 @@ print("all checks passed")
 # ## Try this
 #
 # 1. Open the picture. Find the node where the word "is" of "The pass key is" was pruned (hover for its score).
-# 2. Merge leaf 8 and leaf 9 the wrong way round (`merge(right, left, P, S)`): which positions, and which slots of
+# 2. Merge nodes 0.8 and 0.9 the wrong way round (`merge(right, left, P, S)`): which positions, and which slots of
 #    `cache.node(1, 4)`, change? Predict before printing.
-# 3. Skip refinement in `run_leaf` for the lower layers (prune only `chunk.h` and the last layer's K/V): what
-#    shapes would the cache have, and why could no new token attend to it?
+# 3. Skip refinement (in `homer_ref.homer.refinement.keep_slots`, prune only `chunk.h` and the last layer's K/V):
+#    what shapes would the cache have, and why could no new token attend to it?
 # 4. `python -m homer_ref.explain --seed 5 --reduction random --out random.html`: where do the digits go?

@@ -22,25 +22,30 @@ from safetensors.torch import load_file
 
 from homer_ref.decoding import check_ids
 from homer_ref.llama import Llama
+from homer_ref.progress import Progress
 
 
 @torch.no_grad()
-def calibrate(model: Llama, windows: list[list[int]]) -> torch.Tensor:
-    """bias [L, R] float32 from token windows that all have the same length R (use R = max_chunk_len)."""
+def calibrate(model: Llama, windows: list[list[int]], progress: Progress | None = None) -> torch.Tensor:
+    """bias [L, n] float32 from token windows that all have the same length n (use n = max_chunk_len).
+
+    `progress` advances by one per layer of every window (len(windows) x L in all)."""
     if not windows or len({len(w) for w in windows}) != 1 or len(windows[0]) < 1:
         raise ValueError("calibration needs at least one window, all of the same non-zero length")
     windows = [check_ids(w, model.cfg.vocab_size, "a calibration window") for w in windows]
-    R, L = len(windows[0]), model.cfg.num_hidden_layers
+    n, L = len(windows[0]), model.cfg.num_hidden_layers
     device = model.embed_tokens.weight.device
-    total = torch.zeros(L, R, dtype=torch.float64, device=device)
-    positions = torch.arange(R, device=device)
+    total = torch.zeros(L, n, dtype=torch.float64, device=device)
+    positions = torch.arange(n, device=device)
     for window in windows:
-        h = model.embed_tokens(torch.tensor([window], device=device))  # [1, R, D]
+        h = model.embed_tokens(torch.tensor([window], device=device))  # [1, n, D]
         for layer in range(L):
-            h, _, _, last_logits = model.attend(layer, h, positions, last_query=True)  # last_logits [1, Hq, R]
-            head_max = last_logits[0].amax(dim=0)  # [R]: slot i sits at distance R-1-i from the last token
-            total[layer] += head_max.flip(0).to(torch.float64)  # index by distance d = R-1-i
+            h, _, _, last_logits = model.attend(layer, h, positions, last_query=True)  # last_logits [1, Hq, n]
+            head_max = last_logits[0].amax(dim=0)  # [n]: slot i sits at distance n-1-i from the last token
+            total[layer] += head_max.flip(0).to(torch.float64)  # index by distance d = n-1-i
             h = model.feed_forward(layer, h)
+            if progress is not None:
+                progress.update(1)
     return (total / len(windows)).to(torch.float32)
 
 
@@ -75,8 +80,24 @@ def calibrate_on_context(model: Llama, context_ids: list[int], max_chunk_len: in
     return bias
 
 
+def check_bias(bias: torch.Tensor, num_layers: int, max_chunk_len: int) -> torch.Tensor:
+    """The bias table as float32 [L, width], or a ValueError naming what is wrong with it."""
+    if not isinstance(bias, torch.Tensor) or not bias.is_floating_point() or bias.dim() != 2:
+        raise ValueError("the bias table must be a float tensor [num_layers, R]; compute one with homer_ref.calibrate")
+    if bias.shape[0] != num_layers:
+        raise ValueError(f"the bias table has {bias.shape[0]} layers but the model has {num_layers}: wrong model?")
+    if bias.shape[1] < max_chunk_len:
+        raise ValueError(
+            f"the bias table covers distances < {bias.shape[1]} but max_chunk_len is {max_chunk_len}: "
+            f"recalibrate with --max-chunk-len {max_chunk_len} or lower max_chunk_len"
+        )
+    if not torch.isfinite(bias).all():
+        raise ValueError("the bias table holds NaN or Inf values; recalibrate it")
+    return bias.to(torch.float32)
+
+
 def load_bias(path) -> torch.Tensor:
-    """The `"bias"` tensor [L, R] of a safetensors file (its values are checked by `homer.check_bias`)."""
+    """The `"bias"` tensor [L, width] of a safetensors file (its values are checked by `check_bias`)."""
     try:
         tensors = load_file(str(path))
     except Exception as e:  # safetensors raises several types for unreadable files

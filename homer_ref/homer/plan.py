@@ -5,11 +5,18 @@ short-right rule on the *raw* leaf length) and the configuration checks of N.2.6
 integer arithmetic on (L, M, T, W, P, C, S); `plan(...)` computes it once, in one visible place, and the
 result prints as a table for a reader.
 
-Paper symbol -> code name:
+Paper symbol -> code name (one meaning per letter in every file of homer_ref, reference/, tests and tutorials):
     L num_layers, W warmup_layers, M max_chunk_len (affixes included), T target_len, P/C/S prefix/context/suffix
     lengths, E = M-P-S context tokens a chunk can hold, N0 = ceil(C/E), H = ceil(log2 N0) tree height,
     N = 2**H leaves, e = ceil(C/N) context tokens per leaf, lpc layers per tree level, lo leftover layers,
-    R = P + floor(E/2) + S the default reduced length of a child.
+    R = P + floor(E/2) + S the default reduced length of a child, K slots of the final cache, n slots of a node.
+Tree nodes are named "node h.i": level h (0 the leaves, H the root), index i from the left (the trace format's
+`node.h.i.*` tensors; `Node.name`).
+
+Defaults, resolved here and nowhere else: T = M when not given (`HomerConfig.target`); W by the official
+scripts' rule (below); M for generation = half the trained context (`default_max_chunk_len`, the official
+scripts). The tasks resolve their own M in the library too: the passkey task leaves room for the answer
+(`tasks.passkey.homer_config`), perplexity derives its segments from M (`tasks.perplexity.Segments`).
 
 Warm-up layers: the official scripts, `MergeManager` and `homer_args` use W = 12 on Llama-2's 32 layers (only
 `patch()` defaults to 0; HOMER_SPEC.md A, K.9). With `warmup_layers=None` homer_ref keeps that fraction for any
@@ -40,6 +47,30 @@ class HomerConfig:
     reduction: str = "calibrated"  # calibrated | uncalibrated | random (the paper's ablation modes) | none
     seed: int = 0  # for reduction="random"
 
+    @property
+    def target(self) -> int:
+        """T: `target_len`, or M when it is None (the official default)."""
+        return self.max_chunk_len if self.target_len is None else self.target_len
+
+
+def default_max_chunk_len(trained_context: int) -> int:
+    """M for generation when none is given: half the trained context, as the official scripts (HOMER_SPEC.md N.1)."""
+    return trained_context // 2
+
+
+def generation_config(
+    trained_context: int,
+    max_chunk_len: int | None = None,
+    target_len: int | None = None,
+    warmup_layers: int | None = None,
+    reduction: str = "calibrated",
+    seed: int = 0,
+) -> HomerConfig:
+    """The settings for continuing a prompt, every default that needs the model resolved: M = half the trained
+    context unless given (T = M and W's rule are resolved by `plan`)."""
+    M = default_max_chunk_len(trained_context) if max_chunk_len is None else max_chunk_len
+    return HomerConfig(M, target_len, warmup_layers, reduction, seed)
+
 
 @dataclass(frozen=True)
 class Node:
@@ -48,6 +79,11 @@ class Node:
     leaves: tuple[int, int]  # the leaves it covers, [first, last)
     layers: tuple[int, int]  # the decoder layers it runs, [first, last); it may prune at layer last-1
     target: int  # length it is reduced to at its last layer (nothing is removed if it is already shorter)
+
+    @property
+    def name(self) -> str:
+        """ "node h.i": level h, index i (the trace format's `node.h.i.*`)."""
+        return f"node {self.level}.{self.index}"
 
 
 @dataclass(frozen=True)
@@ -69,10 +105,16 @@ class Plan:
     R: int
     leaf_context: tuple[int, ...]  # context tokens of each leaf (the last one may be shorter)
     nodes: dict[tuple[int, int], Node] = field(repr=False)  # keyed by (level, index)
+    config: HomerConfig = field(repr=False)  # the settings it was made from (reduction and seed included)
 
     @property
     def root(self) -> Node:
         return self.nodes[(self.H, 0)]
+
+    @property
+    def prunes(self) -> bool:
+        """Whether any node removes slots (then the calibrated reduction needs a bias table)."""
+        return any(self.input_len(node) > node.target for node in self.nodes.values())
 
     @property
     def final_len(self) -> int:
@@ -113,15 +155,16 @@ class Plan:
 
     def __str__(self) -> str:
         lines = [
-            f"HOMER plan: L={self.L} W={self.W} M={self.M} T={self.T} P={self.P} C={self.C} S={self.S}",
+            f"HOMER plan: L={self.L} W={self.W} M={self.M} T={self.T} P={self.P} C={self.C} S={self.S} "
+            f"({self.config.reduction})",
             f"  E={self.E} N0={self.N0} H={self.H} N={self.N} e={self.e} lpc={self.lpc} lo={self.lo} R={self.R}",
-            f"  final cache: {self.final_len} slots in each of {self.L} layers",
-            "  level index leaves     layers    in -> target",
+            f"  final cache: K={self.final_len} slots in each of {self.L} layers",
+            "  node      leaves     layers    in -> target",
         ]
         for node in self.post_order():
             first, last = node.layers
             lines.append(
-                f"  {node.level:5d} {node.index:5d} [{node.leaves[0]:3d},{node.leaves[1]:3d}) "
+                f"  {node.level:4d}.{node.index:<4d} [{node.leaves[0]:3d},{node.leaves[1]:3d}) "
                 f"{first:4d}-{last - 1:<4d} {self.input_len(node):5d} -> {node.target}"
             )
         return "\n".join(lines)
@@ -165,8 +208,7 @@ def check_config(L: int, config: HomerConfig, P: int, C: int, S: int) -> int:
     return the warm-up layers W to use (`config.warmup_layers`, or the default rule when it is None)."""
     if not isinstance(config, HomerConfig):
         raise ValueError(f"config must be a HomerConfig(max_chunk_len, target_len, ...), got {type(config).__name__}")
-    M = config.max_chunk_len
-    T = M if config.target_len is None else config.target_len
+    M, T = config.max_chunk_len, config.target
     W = 0 if config.warmup_layers is None else config.warmup_layers  # the rule needs the checks below first
     for name, value in (("max_chunk_len", M), ("target_len", T), ("warmup_layers", W), ("seed", config.seed)):
         if isinstance(value, bool) or not isinstance(value, int):
@@ -224,8 +266,7 @@ def check_config(L: int, config: HomerConfig, P: int, C: int, S: int) -> int:
 def plan(num_layers: int, config: HomerConfig, P: int, C: int, S: int) -> Plan:
     """Every derived quantity of HOMER for a model of `num_layers` layers and an input of lengths P, C, S."""
     W = check_config(num_layers, config, P, C, S)
-    L, M = num_layers, config.max_chunk_len
-    T = M if config.target_len is None else config.target_len
+    L, M, T = num_layers, config.max_chunk_len, config.target
     E, N0, H, N, e, lpc, lo = tree_shape(L, M, W, P, C, S)  # every field, named
     leaf_context = tuple(min((i + 1) * e, C) - i * e for i in range(N))
     R = P + E // 2 + S
@@ -248,4 +289,4 @@ def plan(num_layers: int, config: HomerConfig, P: int, C: int, S: int) -> Plan:
         place(level - 1, 2 * index + 1, right_target)
 
     place(H, 0, min(T, P + C + S))  # root target T* = min(T, P+C+S)
-    return Plan(L, W, M, T, P, C, S, E, N0, H, N, e, lpc, lo, R, leaf_context, nodes)
+    return Plan(L, W, M, T, P, C, S, E, N0, H, N, e, lpc, lo, R, leaf_context, nodes, config)

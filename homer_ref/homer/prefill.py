@@ -1,36 +1,45 @@
 """HOMER prefill: a long prompt in, a compact KV cache out (HOMER_SPEC.md M, N); and what to do with it.
 
-`homer_prefill` ties the concepts together, one module each:
-    plan.py        E, N, H, e, the layer schedule, every node's target          (B.1, C.1, D.4)
-    chunking.py    leaves: [prefix | context slice | suffix], local positions    (B.2-B.4)
-    reduction.py   significance of the last query, the k lowest removed         (C.2, D.1-D.3)
-    merging.py     [avg prefix | left ctx | right ctx | avg suffix]             (E)
-    refinement.py  a pruning decision applied to every lower layer's cache      (F)
-    traversal.py   depth-first order with children freed, and a live-KV meter   (G)
+The algorithm reads top to bottom in this file, each step a function a reader (or a tutorial) can call:
 
-A node runs its block of layers; at the *last* layer of the block, after attention and before the MLP, it
-drops len - target context tokens (C.2), and the same slots are dropped from every lower layer's cache.
+    leaf_chunk(run, i)           leaf i's input: [prefix | context slice | suffix], embedded           (B.2-B.4)
+    run_node(run, node, chunk)   one node: its block of layers; at the last one, after attention and before
+                                 the MLP, it drops its least significant context slots to its target, from
+                                 every layer it holds                                              (C.2, D, F)
+    depth_first(run, h, i)       node h.i after its subtree: left subtree, right subtree, merge, the node —
+                                 the order that keeps memory logarithmic                                  (E, G)
+    level_order(run)             every leaf, then every level-1 node, ...: the same numbers, more memory
+    homer_prefill(...)           the checks, one traversal from the root, the root's logits
+
+A `Run` holds what every node of one prefill shares (the model, the plan, the prompt, how slots are scored, the
+live-KV meter). The concepts each step uses have a module each: plan.py, chunking.py, reduction.py,
+merging.py, refinement.py, traversal.py (the meter and the memory bounds), calibration.py.
+
 The root's output is a cache with the same K slots in all L layers, their positions (reused, not monotonic),
-and the logits of every kept slot. New tokens continue at positions last_position + 1, + 2, ... (N.2.5).
+and the last slot's logits (every kept slot's with `all_logits`). New tokens continue at positions
+last_position + 1, + 2, ... (N.2.5).
 
 Deviations from the official code are listed in each module's docstring and in the README; the ones that
 live here: N.2.5 (generation positions: +1 for the first generated token too; sampling applies to it) and
 N.2.7 (batch: one prompt at a time, no hidden batch-size-1 assumption: the API takes one prompt).
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
-from homer_ref.budget import activation_bytes, check_fits, kv_bytes
+from homer_ref.budget import check_fits, kv_bytes
 from homer_ref.decoding import check_ids, decode
 from homer_ref.homer import reduction
+from homer_ref.homer.calibration import check_bias
 from homer_ref.homer.chunking import Chunk, make_leaf
+from homer_ref.homer.cost import homer_bytes
 from homer_ref.homer.merging import merge
 from homer_ref.homer.plan import HomerConfig, Node, Plan, plan
 from homer_ref.homer.refinement import keep_slots
-from homer_ref.homer.traversal import TRAVERSALS, LiveKV, depth_first, level_order, simulate_live_kv
-from homer_ref.llama import Cache, Llama, LlamaConfig
+from homer_ref.homer.traversal import TRAVERSALS, LiveKV
+from homer_ref.llama import Cache, Llama
+from homer_ref.progress import Progress
 
 
 @dataclass
@@ -51,6 +60,11 @@ class NodeTrace:
     hidden: torch.Tensor | None = None  # [K, D] the hidden states it hands up (after its last layer's MLP)
     keys: list[torch.Tensor] | None = None  # per layer it ran, layers[0] .. layers[1]-1: [Hkv, K, Dh] after RoPE
     values: list[torch.Tensor] | None = None  # per layer it ran: [Hkv, K, Dh]
+
+    @property
+    def name(self) -> str:
+        """ "node h.i": level h, index i (as `plan.Node.name` and the trace format's `node.h.i.*`)."""
+        return f"node {self.level}.{self.index}"
 
 
 @dataclass
@@ -78,44 +92,133 @@ class HomerCache:
         return [self.plan.part(int(s)) for s in self.sources]
 
     def node(self, level: int, index: int) -> NodeTrace:
-        """The trace of tree node (level, index): level 0 the leaves, `plan.H` the root."""
+        """The trace of tree node h.i = (level, index): level 0 the leaves, `plan.H` the root."""
         return next(t for t in self.nodes if (t.level, t.index) == (level, index))
 
 
-def check_bias(bias: torch.Tensor, num_layers: int, max_chunk_len: int) -> torch.Tensor:
-    """The bias table as float32 [L, R], or a ValueError naming what is wrong with it."""
-    if not isinstance(bias, torch.Tensor) or not bias.is_floating_point() or bias.dim() != 2:
-        raise ValueError("the bias table must be a float tensor [num_layers, R]; compute one with homer_ref.calibrate")
-    if bias.shape[0] != num_layers:
-        raise ValueError(f"the bias table has {bias.shape[0]} layers but the model has {num_layers}: wrong model?")
-    if bias.shape[1] < max_chunk_len:
-        raise ValueError(
-            f"the bias table covers distances < {bias.shape[1]} but max_chunk_len is {max_chunk_len}: "
-            f"recalibrate with --max-chunk-len {max_chunk_len} or lower max_chunk_len"
-        )
-    if not torch.isfinite(bias).all():
-        raise ValueError("the bias table holds NaN or Inf values; recalibrate it")
-    return bias.to(torch.float32)
+@dataclass
+class Run:
+    """What every node of one prefill shares: the model, the plan, the prompt's three parts, how slots are scored
+    (`reduction`, `bias` [L, width >= M] on the model's device, `seed`), and what is recorded on the way."""
+
+    model: Llama
+    plan: Plan
+    prefix_ids: list[int]
+    context_ids: list[int]
+    suffix_ids: list[int]
+    bias: torch.Tensor | None = None  # for reduction="calibrated"
+    checkpoints: bool = False  # keep every node's outputs in its NodeTrace
+    meter: LiveKV = field(default_factory=LiveKV)  # the live KV, observed at every layer of every node
+    traces: list[NodeTrace] = field(default_factory=list)  # in execution order
+    progress: Progress | None = None  # advanced by each node's token-layers (`plan_work`)
 
 
-def homer_bytes(cfg: LlamaConfig, p: Plan, traversal: str, itemsize: int, all_logits: bool = False) -> int:
-    """HOMER's prefill: its peak live KV (from the plan alone), one chunk's activations and the final logits."""
-    chunk = min(p.M, p.P + p.C + p.S)
-    return (
-        kv_bytes(cfg, max(simulate_live_kv(p, traversal)), itemsize)
-        + activation_bytes(cfg, chunk, itemsize)
-        + (p.final_len if all_logits else 1) * cfg.vocab_size * max(itemsize, 4)
-    )
+def leaf_chunk(run: Run, i: int) -> Chunk:
+    """Leaf i before its first layer: embedded tokens, local positions, reduction mask and sources (B.2-B.4)."""
+    device = run.model.embed_tokens.weight.device
+    leaf = make_leaf(run.plan, i, run.prefix_ids, run.context_ids, run.suffix_ids, device)
+    return Chunk(run.model.embed_tokens(leaf.ids), leaf.positions, leaf.is_context, leaf.sources)
+
+
+def significance(run: Run, node: Node, layer: int, last_logits: torch.Tensor | None, chunk: Chunk) -> torch.Tensor:
+    """The scores [n] that node h.i prunes by at `layer`, in the plan's reduction mode (D.1-D.3, N.2.4)."""
+    mode = run.plan.config.reduction
+    if mode == "random":
+        return reduction.random_significance(run.plan.config.seed, node.level, node.index, chunk.is_context)
+    row = run.bias[layer] if mode == "calibrated" else None
+    return reduction.significance(last_logits[0], chunk.positions, chunk.is_context, row)
+
+
+def run_node(run: Run, node: Node, chunk: Chunk) -> tuple[Chunk, NodeTrace]:
+    """Node h.i on its input `chunk` (n slots): its block of layers; at the last one, between attention and MLP
+    (C.2), the n - target least significant context slots go, from every layer it holds (F). Returns the node's
+    output (its K/V for layers 0 .. last-1) and its record."""
+    model, n = run.model, len(chunk)
+    positions, sources = chunk.positions, chunk.sources  # the input's, for the record
+    first, last = node.layers
+    scores, kept, removed = None, torch.arange(n, device=positions.device), torch.arange(0, device=positions.device)
+    prunes = n > node.target
+    for layer in range(first, last):
+        reduces = layer == last - 1 and prunes
+        asks = reduces and run.plan.config.reduction != "random"  # the last query's logits
+        h, keys, values, last_logits = model.attend(layer, chunk.h[None], chunk.positions, last_query=asks)
+        chunk.h = h[0]
+        chunk.keys.append(keys[0])  # [Hkv, n, Dh]
+        chunk.values.append(values[0])
+        run.meter.observe(chunk)
+        if reduces:
+            scores = significance(run, node, layer, last_logits, chunk)
+            kept, removed = reduction.select(scores, n - node.target)
+            chunk = keep_slots(chunk, kept)  # propagative refinement (F)
+        chunk.h = model.feed_forward(layer, chunk.h[None])[0]
+    if run.progress is not None:
+        run.progress.update(n * (last - first))
+    ends = (chunk.h, chunk.keys[first:last], chunk.values[first:last]) if run.checkpoints else (None, None, None)
+    return chunk, NodeTrace(node.level, node.index, node.layers, node.target, positions, sources, scores, kept,
+                            removed, *ends)  # fmt: skip
+
+
+def depth_first(run: Run, level: int, index: int) -> Chunk:
+    """Node h.i = (level, index) after its whole subtree, in post-order: left subtree, then right subtree, merge,
+    the node. While the right subtree runs, the finished left child is the only state this level holds (G.2)."""
+    node = run.plan.nodes[(level, index)]
+    if level == 0:
+        chunk, trace = run_node(run, node, leaf_chunk(run, index))
+    else:
+        left = depth_first(run, level - 1, 2 * index)
+        run.meter.hold(left)  # the one finished sibling this level keeps while the right subtree runs
+        right = depth_first(run, level - 1, 2 * index + 1)
+        run.meter.release(left)
+        chunk, trace = run_node(run, node, merge(left, right, run.plan.P, run.plan.S))  # merge frees both
+    run.traces.append(trace)
+    return chunk
+
+
+def level_order(run: Run) -> Chunk:
+    """Every leaf, then every level-1 node, ..., the root: bit-identical to depth-first, but a whole level is
+    alive at once, so memory grows linearly with the input (G)."""
+    p, finished = run.plan, []
+    for i in range(p.N):
+        chunk, trace = run_node(run, p.nodes[(0, i)], leaf_chunk(run, i))
+        run.traces.append(trace)
+        run.meter.hold(chunk)
+        finished.append(chunk)
+    for level in range(1, p.H + 1):
+        parents = []
+        for index in range(p.N >> level):
+            left, right = finished[2 * index], finished[2 * index + 1]
+            run.meter.release(left)
+            run.meter.release(right)
+            chunk, trace = run_node(run, p.nodes[(level, index)], merge(left, right, p.P, p.S))
+            run.traces.append(trace)
+            run.meter.hold(chunk)
+            parents.append(chunk)
+        finished = parents
+    run.meter.release(finished[0])
+    return finished[0]
+
+
+def plan_work(p: Plan) -> int:
+    """Token-layers a prefill runs (input slots x layers, summed over the nodes): what `Run.progress` counts."""
+    return sum(p.input_len(node) * (node.layers[1] - node.layers[0]) for node in p.nodes.values())
 
 
 def check_inputs(
-    model: Llama, ids: tuple, config: HomerConfig, bias: torch.Tensor | None, traversal: str, all_logits: bool
+    model: Llama, ids: tuple, config: HomerConfig | Plan, bias: torch.Tensor | None, traversal: str, all_logits: bool
 ) -> tuple[list[list[int]], Plan, torch.Tensor | None]:
     """Every check made before any work (ids, settings, bias, memory): the ids as lists, the plan, the bias."""
     cfg, device = model.cfg, model.embed_tokens.weight.device
     ids = [check_ids(x, cfg.vocab_size, name) for x, name in zip(ids, ("prefix_ids", "context_ids", "suffix_ids"))]
     P, C, S = map(len, ids)
-    p = plan(cfg.num_hidden_layers, config, P, C, S)
+    if isinstance(config, Plan):  # made by the caller for these lengths (a command prints it first)
+        p = config
+        if (p.L, p.P, p.C, p.S) != (cfg.num_hidden_layers, P, C, S):
+            raise ValueError(
+                f"the plan is for L={p.L} and P, C, S = {p.P}, {p.C}, {p.S}, but the model has "
+                f"{cfg.num_hidden_layers} layers and the prompt {P}, {C}, {S} tokens: make it with plan() for them"
+            )
+    else:
+        p = plan(cfg.num_hidden_layers, config, P, C, S)
     if traversal not in TRAVERSALS:
         raise ValueError(f"traversal must be one of {', '.join(TRAVERSALS)}, got {traversal!r}")
     itemsize = model.embed_tokens.weight.element_size()
@@ -124,10 +227,11 @@ def check_inputs(
     check_fits(needed, f"HOMER on {P + C + S} tokens ({p.N} leaves)", fix, device)
     if bias is not None:
         return ids, p, check_bias(bias, cfg.num_hidden_layers, p.M).to(device)
-    if config.reduction == "calibrated" and (p.N > 1 or p.root.target < P + C + S):
+    if p.config.reduction == "calibrated" and p.prunes:
         raise ValueError(
-            "reduction='calibrated' needs a bias table (compute one with `python -m homer_ref.calibrate`), "
-            "or choose reduction='uncalibrated' or 'random'"
+            "reduction='calibrated' needs a bias table: homer_ref.bias.bias_for(model, tokenizer, max_chunk_len) "
+            "finds or computes one (`python -m homer_ref.calibrate` writes one), or choose "
+            "reduction='uncalibrated' or 'random'"
         )
     return ids, p, None
 
@@ -138,58 +242,21 @@ def homer_prefill(
     prefix_ids: list[int],
     context_ids: list[int],
     suffix_ids: list[int],
-    config: HomerConfig,
-    bias: torch.Tensor | None = None,  # [L, R] with R >= M, for reduction="calibrated"
+    config: HomerConfig | Plan,  # the settings, or the plan already made from them for these lengths
+    bias: torch.Tensor | None = None,  # [L, width] with width >= M, for reduction="calibrated"
     traversal: str = "depth_first",
     all_logits: bool = False,  # the logits of every kept slot (traces, tutorials), or only the last (generation)
     checkpoints: bool = False,  # keep every node's outputs in its NodeTrace (the trace command's --checkpoints)
+    progress: Progress | None = None,  # advanced by token-layers, plan_work(plan) in all
 ) -> HomerCache:
     """Compress prefix + context + suffix into a compact cache with HOMER.
 
     `checkpoints=True` also keeps every node's output hidden states and the K/V of the layers it ran in its
     `NodeTrace` (for the trace command's `--checkpoints`; memory grows with the whole tree, not logarithmically).
     """
-    (prefix_ids, context_ids, suffix_ids), p, bias = check_inputs(
-        model, (prefix_ids, context_ids, suffix_ids), config, bias, traversal, all_logits
-    )
-    device = model.embed_tokens.weight.device
-    meter, traces = LiveKV(), []
-
-    def significance(node: Node, layer: int, last_logits: torch.Tensor | None, chunk: Chunk) -> torch.Tensor:  # [n]
-        if config.reduction == "random":
-            return reduction.random_significance(config.seed, node.level, node.index, chunk.is_context)
-        row = bias[layer] if config.reduction == "calibrated" else None
-        return reduction.significance(last_logits[0], chunk.positions, chunk.is_context, row)
-
-    def run_layers(node: Node, chunk: Chunk) -> Chunk:
-        """The node's block of layers; at its last layer, prune to the target between attention and MLP (C.2)."""
-        inputs, n = chunk, len(chunk)
-        first, last = node.layers
-        scores, kept, removed = None, torch.arange(n, device=device), torch.arange(0, device=device)
-        prunes = n > node.target  # at the node's last layer, between attention and MLP
-        for layer in range(first, last):
-            asks = layer == last - 1 and prunes and config.reduction != "random"  # the last query's logits
-            h, keys, values, last_logits = model.attend(layer, chunk.h[None], chunk.positions, last_query=asks)
-            chunk.h = h[0]
-            chunk.keys.append(keys[0])  # [Hkv, n, Dh]
-            chunk.values.append(values[0])
-            meter.observe(chunk)
-            if layer == last - 1 and prunes:
-                scores = significance(node, layer, last_logits, chunk)
-                kept, removed = reduction.select(scores, n - node.target)
-                chunk = keep_slots(chunk, kept)  # propagative refinement (F)
-            chunk.h = model.feed_forward(layer, chunk.h[None])[0]
-        record = (node.level, node.index, node.layers, node.target, inputs.positions, inputs.sources)
-        ends = (chunk.h, chunk.keys[first:last], chunk.values[first:last]) if checkpoints else (None, None, None)
-        traces.append(NodeTrace(*record, scores, kept, removed, *ends))
-        return chunk
-
-    def run_leaf(i: int) -> Chunk:
-        leaf = make_leaf(p, i, prefix_ids, context_ids, suffix_ids, device)
-        return run_layers(p.nodes[(0, i)], Chunk(model.embed_tokens(leaf.ids), *leaf[1:]))
-
-    walk = depth_first if traversal == "depth_first" else level_order
-    root = walk(p, run_leaf, run_layers, lambda a, b: merge(a, b, p.P, p.S), meter)
+    ids, p, bias = check_inputs(model, (prefix_ids, context_ids, suffix_ids), config, bias, traversal, all_logits)
+    run = Run(model, p, *ids, bias=bias, checkpoints=checkpoints, progress=progress)
+    root = depth_first(run, p.H, 0) if traversal == "depth_first" else level_order(run)
     logits = model.logits(root.h[None] if all_logits else root.h[None, -1:])[0]  # [K or 1, V]
     if not torch.isfinite(logits).all():  # reported, not handed on: NaN/Inf would poison every later step
         raise RuntimeError(
@@ -203,22 +270,22 @@ def homer_prefill(
         sources=root.sources,
         logits=logits,
         last_position=int(root.positions[-1]),
-        nodes=traces,
+        nodes=run.traces,
         plan=p,
-        peak_kv_token_layers=meter.peak_token_layers,
-        peak_kv_bytes=meter.peak_bytes,
-        kv_timeline=meter.timeline,
+        peak_kv_token_layers=run.meter.peak_token_layers,
+        peak_kv_bytes=run.meter.peak_bytes,
+        kv_timeline=run.meter.timeline,
     )
 
 
 @torch.no_grad()
 def continuation_logits(model: Llama, cache: HomerCache, tokens: list[int]) -> torch.Tensor:
-    """Teacher-forced logits [T, V] of `tokens` fed after the compact cache at last_position + 1, + 2, ..."""
+    """Teacher-forced logits [n, V] of `tokens` fed after the compact cache at last_position + 1, + 2, ..."""
     device = model.embed_tokens.weight.device
     tokens = check_ids(tokens, model.cfg.vocab_size, "tokens")
     x = torch.tensor([tokens], dtype=torch.long, device=device)
     positions = cache.last_position + 1 + torch.arange(len(tokens), device=device)
-    return model.forward_cached(x, positions, cache.model_cache(), all_logits=True)[0][0]
+    return model.forward_cached(x, positions, cache.model_cache())[0][0]
 
 
 @torch.no_grad()

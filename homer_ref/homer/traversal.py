@@ -14,11 +14,13 @@ gives bit-identical results but keeps a whole level alive, so its memory grows l
 Deviation (N.2.1): every child is released as soon as it has been merged (`merging.merge` consumes it). The
 official code walks depth-first but keeps every right child alive, so its memory grows linearly (G.3).
 
-`LiveKV` measures what the traversal actually holds: at every layer of every node it sums the K/V tensors of
-the finished chunks waiting for a sibling and of the chunk being processed (token-layers and bytes).
+The two orders themselves are plain functions beside the node step they call (`prefill.depth_first`,
+`prefill.level_order`). This module holds what is known about them: `LiveKV` measures what a traversal actually
+holds (at every layer of every node, the K/V of the finished chunks waiting for a sibling and of the chunk being
+processed, in token-layers and bytes); `simulate_live_kv` predicts the same timeline from the plan alone;
+`g2_bound` and `plain_kv` are the two sides of the G.2 comparison.
 """
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from homer_ref.homer.chunking import Chunk
@@ -46,47 +48,6 @@ class LiveKV:
         self.peak_token_layers = max(self.peak_token_layers, token_layers)
         self.peak_bytes = max(self.peak_bytes, current.kv_bytes() + sum(c.kv_bytes() for c in self.held))
         self.timeline.append(token_layers)
-
-
-RunLeaf = Callable[[int], Chunk]  # leaf index -> the leaf after its layers (and its reduction)
-RunNode = Callable[[Node, Chunk], Chunk]  # (node, merged children) -> the node after its layers
-Merge = Callable[[Chunk, Chunk], Chunk]  # consumes both children
-
-
-def depth_first(plan: Plan, run_leaf: RunLeaf, run_node: RunNode, merge: Merge, meter: LiveKV) -> Chunk:
-    """Post-order: finish the left subtree, hold it, finish the right subtree, merge, process the parent."""
-
-    def solve(level: int, index: int) -> Chunk:
-        if level == 0:
-            return run_leaf(index)
-        left = solve(level - 1, 2 * index)
-        meter.hold(left)  # the one finished sibling this level keeps while the right subtree runs
-        right = solve(level - 1, 2 * index + 1)
-        meter.release(left)
-        merged = merge(left, right)  # frees both children
-        del left, right
-        return run_node(plan.nodes[(level, index)], merged)
-
-    return solve(plan.H, 0)
-
-
-def level_order(plan: Plan, run_leaf: RunLeaf, run_node: RunNode, merge: Merge, meter: LiveKV) -> Chunk:
-    """Breadth-first: every leaf, then every level-1 node, ...; a whole level is alive at once."""
-    finished: list[Chunk] = []
-    for i in range(plan.N):
-        finished.append(run_leaf(i))
-        meter.hold(finished[-1])
-    for level in range(1, plan.H + 1):
-        parents: list[Chunk] = []
-        for index in range(plan.N >> level):
-            left, right = finished[2 * index], finished[2 * index + 1]
-            meter.release(left)
-            meter.release(right)
-            parents.append(run_node(plan.nodes[(level, index)], merge(left, right)))
-            meter.hold(parents[-1])
-        finished = parents
-    meter.release(finished[0])
-    return finished[0]
 
 
 def g2_bound(plan: Plan) -> int:
