@@ -23,6 +23,15 @@ if str(ROOT) not in sys.path:  # `pytest` as well as `python -m pytest` finds ho
 from helpers import MEASURED, MUTATION_TABLE, STORIES_DIR, TOL, make_hf_llama  # noqa: E402
 
 
+@pytest.fixture(scope="session", autouse=True)
+def user_cache(tmp_path_factory):
+    """The calibration tables a run computes (`homer_ref.bias`) go to a cache of the test session's own, never to
+    the user's ~/.cache; subprocesses inherit it through the environment."""
+    os.environ["HOMER_REF_CACHE"] = str(tmp_path_factory.mktemp("user_cache"))
+    os.environ.pop("HOMER_REF_PROGRESS", None)  # bars follow stderr: off under pytest
+    return Path(os.environ["HOMER_REF_CACHE"])
+
+
 @pytest.fixture(scope="session")
 def stories_dir() -> Path:
     """The vendored stories260K folder (stories260K.bin, tok512.model, expected_greedy_200.txt): always present."""

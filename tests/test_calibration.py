@@ -1,5 +1,6 @@
 """Calibration (HOMER_SPEC.md D.2, N.2.4): the table equals its definition computed by the NumPy oracle."""
 
+import os
 import subprocess
 import sys
 
@@ -68,9 +69,11 @@ def test_calibrate_cli_writes_a_table_with_metadata(stories_dir, tmp_path):
     cmd = [sys.executable, "-m", "homer_ref.calibrate", "--model", str(stories_dir / "stories260K.bin")]
     cmd += ["--tokenizer", str(stories_dir / "tok512.model"), "--text", str(text), "--max-chunk-len", "64"]
     cmd += ["--samples", "3", "--out", str(out)]
-    run = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    run = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env={**os.environ, "HOMER_REF_PROGRESS": "1"})
     assert run.returncode == 0, run.stderr
-    assert "window 3/3" in run.stderr
+    assert "from 3 windows" in run.stderr and "15/15" in run.stderr, "a bar counting 3 windows x 5 layers, asked for"
+    quiet = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env={**os.environ, "HOMER_REF_PROGRESS": ""})
+    assert quiet.returncode == 0 and "15/15" not in quiet.stderr, "no bar when stderr is not a terminal"
     with safe_open(str(out), "pt") as f:
         bias, meta = f.get_tensor("bias"), f.metadata()
     assert bias.shape == (5, 64) and bias.dtype == torch.float32
