@@ -1,7 +1,9 @@
 """The package tree is the architecture: the library, the answer key and the commands in their own places.
 
 - The library (everything outside `homer_ref/cli/` and the `python -m` entry modules) never imports a command:
-  checked on the source of every module, and on what `import homer_ref` actually loads.
+  checked on the source of every module, and on what `import homer_ref` actually loads. Neither do the
+  tutorials: what they show is library code (the picture, the prompt split, a node's step), reachable without
+  a command.
 - `homer_ref/llama.py` stays one file of about 300 lines that imports only torch (and the standard library).
 - Every command runs as `python -m homer_ref.<name>` and is declared as a `homer-<name>` console script.
 - The top-level API is what the README shows.
@@ -44,6 +46,13 @@ def test_the_library_never_imports_a_command():
     }
     assert not {k: v for k, v in offenders.items() if v}, offenders
     assert len(library_files()) > 20  # the walk found the library
+
+
+def test_tutorials_import_no_command():
+    tutorials = sorted((ROOT / "tutorials").glob("*.py"))
+    offenders = {p.name: sorted(m for m in imported_modules(p) if m.startswith("homer_ref.cli")) for p in tutorials}
+    assert not {k: v for k, v in offenders.items() if v}, offenders
+    assert len(tutorials) > 8
 
 
 def test_importing_the_library_loads_no_command():

@@ -134,7 +134,7 @@ def test_kept_slots_differ(expected):
     report = compare_traces(expected, actual)
     scores = expected.node(0, 1, "scores")
     assert report.first_divergence == (
-        f"node (level 0, index 1), layer 1: kept slots differ at 2 of {n} input slots; first: expected "
+        f"node 0.1, layer 1: kept slots differ at 2 of {n} input slots; first: expected "
         f"{slot(expected, swap_out, 0, 1)}, got {slot(expected, swap_in, 0, 1)}; scores expected/actual: "
         f"slot {swap_out} {scores[swap_out]:.4f}/{scores[swap_out]:.4f}, slot {swap_in} {scores[swap_in]:.4f}/"
         f"{scores[swap_in]:.4f}"
@@ -150,9 +150,9 @@ def test_first_divergence_follows_execution_order(expected):
     leaf_pos[7] = 99
     actual = changed(expected, node__2__0__input_positions=root_pos, node__0__3__input_positions=leaf_pos)
     report = compare_traces(expected, actual)
-    assert [d.where for d in report.divergences] == ["node (level 0, index 3)", "node (level 2, index 0)"]
+    assert [d.where for d in report.divergences] == ["node 0.3", "node 2.0"]
     assert report.first_divergence == (
-        f"node (level 0, index 3): input positions differ at 1 of {leaf_pos.size} slots; first: "
+        f"node 0.3: input positions differ at 1 of {leaf_pos.size} slots; first: "
         f"{slot(expected, 7, 0, 3, position=False)}, expected position {expected.node(0, 3, 'input_positions')[7]}, "
         "got 99"
     )
@@ -161,12 +161,12 @@ def test_first_divergence_follows_execution_order(expected):
 @pytest.mark.parametrize(
     "what, value, message",
     [
-        ("layers", [0, 3], "node (level 1, index 0): ran layers 0-2, expected 2-3"),
-        ("target", [9], "node (level 1, index 0): target expected 10, got 9"),
+        ("layers", [0, 3], "node 1.0: ran layers 0-2, expected 2-3"),
+        ("target", [9], "node 1.0: target expected 10, got 9"),
         ("input_positions", np.arange(15),
-         "node (level 1, index 0): input has 15 slots, expected 16 (2 prefix + 12 context + 2 suffix)"),
-        ("kept", np.arange(11), "node (level 1, index 0), layer 3: kept 11 of 16 slots, expected 10"),
-        ("scores", None, "node (level 1, index 0), layer 3: the expected trace has scores (the node removes 6 slots) "
+         "node 1.0: input has 15 slots, expected 16 (2 prefix + 12 context + 2 suffix)"),
+        ("kept", np.arange(11), "node 1.0, layer 3: kept 11 of 16 slots, expected 10"),
+        ("scores", None, "node 1.0, layer 3: the expected trace has scores (the node removes 6 slots) "
                          "but the actual has none"),
         ("removed", [0], None),
     ],
@@ -174,7 +174,7 @@ def test_first_divergence_follows_execution_order(expected):
 def test_node_field_differs(expected, what, value, message):
     report = compare_traces(expected, changed(expected, **{f"node__1__0__{what}": value}))
     if message is None:
-        assert report.first_divergence.startswith("node (level 1, index 0), layer 3: removed slots [0], expected [")
+        assert report.first_divergence.startswith("node 1.0, layer 3: removed slots [0], expected [")
     else:
         assert report.first_divergence == message
 
@@ -185,7 +185,7 @@ def test_input_counts_name_the_parts_when_both_traces_have_sources(expected):
     more = np.r_[sources[:-2], [46, 47], sources[-2:]]
     actual = changed(expected, node__1__0__input_positions=np.arange(18), node__1__0__input_sources=more)
     assert compare_traces(expected, actual).first_divergence == (
-        "node (level 1, index 0): input has 18 slots (2 prefix + 12 context + 4 suffix), expected 16 "
+        "node 1.0: input has 18 slots (2 prefix + 12 context + 4 suffix), expected 16 "
         "(2 prefix + 12 context + 2 suffix)"
     )
 
@@ -195,7 +195,7 @@ def test_input_sources_differ(expected):
     sources[4] = 47  # a suffix token where a context token belongs
     report = compare_traces(expected, changed(expected, node__0__2__input_sources=sources))
     assert report.first_divergence == (
-        f"node (level 0, index 2): input sources differ at 1 of 15 slots; first: {slot(expected, 4, 0, 2)}, "
+        f"node 0.2: input sources differ at 1 of 15 slots; first: {slot(expected, 4, 0, 2)}, "
         "got suffix token 1"
     )
 
@@ -208,7 +208,7 @@ def test_slots_are_named_by_part_without_sources(expected):
     scores[5] += 1
     report = compare_traces(bare, changed(bare, node__0__0__scores=scores))
     assert report.first_divergence == (
-        f"node (level 0, index 0), layer 1: scores differ at 1 of 15 slots; largest at slot 5 (context, position 5): "
+        f"node 0.0, layer 1: scores differ at 1 of 15 slots; largest at slot 5 (context, position 5): "
         f"expected {scores[5] - 1:.4f}, got {scores[5]:.4f}"
     )
     scores[14] = 0.0
@@ -222,7 +222,7 @@ def test_scores_differ(expected):
     scores[0] = 1.0  # an affix slot (+inf expected) with a finite score
     report = compare_traces(expected, changed(expected, node__0__0__scores=scores))
     assert report.first_divergence == (
-        f"node (level 0, index 0), layer 1: scores differ at 2 of {scores.size} slots; largest at "
+        f"node 0.0, layer 1: scores differ at 2 of {scores.size} slots; largest at "
         "slot 0 (prefix token 0, position 0): expected inf, got 1.0000"
     )
 
@@ -231,7 +231,7 @@ def test_scores_on_a_node_that_removes_nothing(expected):
     """The root of four_leaves keeps all 16 slots: an implementation that writes its scores anyway is told so."""
     actual = changed(expected, node__2__0__scores=np.zeros(16))
     assert compare_traces(expected, actual).first_divergence == (
-        "node (level 2, index 0), layer 5: the actual trace has scores, but the node removes nothing (16 input "
+        "node 2.0, layer 5: the actual trace has scores, but the node removes nothing (16 input "
         "slots, target 16); write scores only for nodes that remove slots"
     )
 
@@ -242,8 +242,8 @@ def test_missing_and_extra_nodes(expected):
                                                  "removed", "scores")}  # fmt: skip
     actual = changed(expected, node_order=np.concatenate([order[1:], [[5, 0]]]), **leaf)
     report = compare_traces(expected, actual)
-    assert report.first_divergence == "node (level 0, index 0): missing from the actual trace"
-    assert str(report.divergences[-1]) == "node (level 5, index 0): in the actual trace but not in the expected one"
+    assert report.first_divergence == "node 0.0: missing from the actual trace"
+    assert str(report.divergences[-1]) == "node 5.0: in the actual trace but not in the expected one"
 
 
 def test_node_records_without_node_order_are_compared(expected):
@@ -255,7 +255,7 @@ def test_node_records_without_node_order_are_compared(expected):
         "nodes: the actual trace has node records but no node_order tensor ([nodes, 2]: the (level, index) of "
         "every node in execution order); its records are compared all the same"
     )
-    assert report.divergences[1].where == "node (level 1, index 1), layer 3" and len(report.divergences) == 2
+    assert report.divergences[1].where == "node 1.1, layer 3" and len(report.divergences) == 2
 
 
 def test_final_cache_only(expected):
@@ -290,7 +290,7 @@ def test_a_forward_difference_is_named_at_its_node_and_layer(expected):
     input_slot = int(expected.node(1, 0, "kept")[3])
     where = f"head 1, {slot(expected, input_slot, 1, 0)}, dim 2"
     assert report.first_divergence == (
-        f"node (level 1, index 0), layer 2: keys differ at 1 of {keys.size} elements; first at {where}; max |Δ| 0.5 at "
+        f"node 1.0, layer 2: keys differ at 1 of {keys.size} elements; first at {where}; max |Δ| 0.5 at "
         f"{where}: expected {keys[1, 3, 2] - 0.5:.4f}, got {keys[1, 3, 2]:.4f}"
     )
     assert len(report.divergences) == 1
@@ -315,7 +315,7 @@ def test_checkpoints_are_compared_on_the_slots_both_keep(expected):
     edits = {f"node__0__1__{name.replace('.', '__')}": moved(name) for name in names}
     actual = changed(expected, checkpoints=True, node__0__1__kept=new_kept, node__0__1__removed=new_removed, **edits)
     report = compare_traces(expected, actual)
-    assert report.first_divergence.startswith("node (level 0, index 1), layer 1: kept slots differ at 2 of 15"), report
+    assert report.first_divergence.startswith("node 0.1, layer 1: kept slots differ at 2 of 15"), report
 
 
 def test_a_missing_refinement_is_named_at_the_node(expected):
@@ -323,7 +323,7 @@ def test_a_missing_refinement_is_named_at_the_node(expected):
     full = np.zeros((4, 15, 4))
     actual = changed(expected, checkpoints=True, node__0__0__keys__0=full)
     assert compare_traces(expected, actual).first_divergence == (
-        "node (level 0, index 0), layer 0: keys hold 15 slots at the node's end, but the node keeps 10: a pruning "
+        "node 0.0, layer 0: keys hold 15 slots at the node's end, but the node keeps 10: a pruning "
         "decision applies to every layer the node holds (propagative refinement, HOMER_SPEC.md F)"
     )
 
@@ -334,7 +334,7 @@ def test_output_hidden_states_differ(expected):
     report = compare_traces(expected, changed(expected, checkpoints=True, node__0__2__hidden=hidden))
     where = f"{slot(expected, int(expected.node(0, 2, 'kept')[4]), 0, 2)}, dim 7"
     assert report.first_divergence == (
-        f"node (level 0, index 2), layer 1: output hidden states differ at 1 of {hidden.size} elements; first at "
+        f"node 0.2, layer 1: output hidden states differ at 1 of {hidden.size} elements; first at "
         f"{where}; max |Δ| 0.125 at {where}: expected {hidden[4, 7] + 0.125:.4f}, got {hidden[4, 7]:.4f}"
     )
 
@@ -344,7 +344,7 @@ def test_checkpoints_are_optional(expected):
     assert compare_traces(expected, changed(expected)).ok
     partial = changed(expected, checkpoints=True, node__1__1__values__3=None)
     assert compare_traces(expected, partial).first_divergence == (
-        "node (level 1, index 1), layer 3: the actual trace lacks node.1.1.values.3 (it has other checkpoints)"
+        "node 1.1, layer 3: the actual trace lacks node.1.1.values.3 (it has other checkpoints)"
     )
 
 
@@ -358,7 +358,7 @@ def test_keys_differ_at_one_layer(expected):
     keys[2, 9, 0] -= 0.001
     report = compare_traces(expected, changed(expected, keys__3=keys))
     where = f"head 1, {slot(expected, 5)}, dim 2"
-    node = "node (level 1, index 0)" if expected.tensors["sources"][5] < P + C / 2 else "node (level 1, index 1)"
+    node = "node 1.0" if expected.tensors["sources"][5] < P + C / 2 else "node 1.1"
     assert report.first_divergence == (
         f"final cache, layer 3: keys differ at 2 of {keys.size} elements; first at {where}; max |Δ| 0.5 at {where}: "
         f"expected {expected.tensors['keys.3'][1, 5, 2]:.4f}, got {keys[1, 5, 2]:.4f}; layer 3 of slot 5 was "
@@ -396,7 +396,7 @@ def test_values_logits_positions_and_last_position(expected):
     assert report.divergences[3].what.startswith(
         "logits differ at 1 of 1024 elements; first at slot 15 (suffix token 1, position 14), token 7"
     )
-    assert report.divergences[3].what.endswith("; from the output of the root, node (level 2, index 0)")
+    assert report.divergences[3].what.endswith("; from the output of the root, node 2.0")
 
 
 def test_final_sources_differ(expected):
@@ -422,8 +422,8 @@ def test_a_layer_that_keeps_more_slots_names_the_first_node_to_prune_it(expected
     wide = np.zeros((4, 30, 4))
     report = compare_traces(expected, changed(expected, keys__0=wide))
     assert report.first_divergence == (
-        "final cache, layer 0: keys hold 30 slots, expected 16, the slots the root keeps in every layer; node (level "
-        "0, index 0) is the first to remove slots from this layer by propagative refinement (it prunes at layer 1)"
+        "final cache, layer 0: keys hold 30 slots, expected 16, the slots the root keeps in every layer; node "
+        "0.0 is the first to remove slots from this layer by propagative refinement (it prunes at layer 1)"
     )
 
 

@@ -27,8 +27,9 @@ from helpers import ROOT, STORIES_DIR
 from safetensors.torch import load_file, save_file
 from test_errors_api import MHA, train_tokenizer
 
-from homer_ref import budget, loading
-from homer_ref.cli import bench, calibrate, common, compare, generate, trace
+from homer_ref import atomic, budget, loading
+from homer_ref.benchmark import measure
+from homer_ref.cli import bench, calibrate, compare, generate, trace
 from homer_ref.cli.common import run_main
 
 FOUR_LEAVES = ROOT / "fixtures" / "cases" / "four_leaves" / "trace.safetensors"
@@ -295,7 +296,7 @@ def test_bench_refuses_a_run_that_cannot_fit_in_memory(capsys, monkeypatch, keep
     model = loading.load_model(MHA)
     monkeypatch.setattr(budget, "available_bytes", lambda device="cpu": 1024)
     with pytest.raises(MemoryError, match="the plain prefill of 40 tokens"):
-        bench.plain_prefill(model, list(range(40)))
+        measure.plain_prefill(model, list(range(40)))
     check(run(capsys, bench, ["--one", "bench", "plain", "64", "48"]), 1, ("MemoryError", "HOMER on 64 tokens"), "")
 
 
@@ -365,7 +366,7 @@ def test_ctrl_c_while_writing_leaves_no_partial_file(ctx, capsys, monkeypatch, c
     out = out_dir / "out.safetensors"
     if existing:
         out.write_bytes(b"the previous run's output")
-    monkeypatch.setattr(common, "save_file", interrupted_save)  # both write through common.save_atomic
+    monkeypatch.setattr(atomic, "save_file", interrupted_save)  # both write through homer_ref.atomic.save_atomic
     base = TRACE_BASE if command == "trace" else CALIBRATE_BASE
     argv = with_base(expand(base, ctx), ["--out", str(out)])
     result = run(capsys, trace if command == "trace" else calibrate, argv)

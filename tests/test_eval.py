@@ -23,13 +23,14 @@ from safetensors.torch import save_file
 
 from homer_ref import load_model, load_tokenizer
 from homer_ref.cli.common import run_main
-from homer_ref.cli.eval import PASSKEY_MODES, main, rope_scaled, surviving_context
+from homer_ref.cli.eval import PASSKEY_MODES, main
 from homer_ref.decoding import generate_plain, greedy_batch
 from homer_ref.homer import homer_prefill
 from homer_ref.homer.calibration import calibrate
 from homer_ref.homer.plan import HomerConfig
+from homer_ref.loading.weights import rope_scaled
 from homer_ref.tasks.passkey import SHIPPED_MODEL as DEFAULT_MODEL
-from homer_ref.tasks.passkey import passkey_prompts
+from homer_ref.tasks.passkey import passkey_prompts, surviving_context
 
 TOKENIZER = DEFAULT_MODEL / "tokenizer.model"
 TINY = dict(vocab_size=288, num_hidden_layers=4, max_position_embeddings=64)  # the shipped tokenizer's vocabulary
@@ -75,8 +76,9 @@ def test_passkey_json_is_well_formed_for_every_mode(tiny, capsys):
             assert 0.0 <= row["digits_kept"] <= 1.0 and row["max_chunk_len"] == 56  # 64 - the answer room
         if row["mode"] == "homer-no-pruning":  # the diagnostic removes nothing: every digit survives
             assert row["digits_kept"] == 1.0 and row["copy_kept"] == 1.0
-    with pytest.raises(ValueError, match="--bias-yarn"):  # homer-yarn without its own table
-        main(argv[:5] + ["--modes", "homer-yarn", "--lengths", "1", "--samples", "1"])
+    # homer-yarn without --bias-yarn: a table computed once with YaRN active (not the one given for `homer`)
+    assert main(argv[:5] + ["--modes", "homer-yarn", "--lengths", "1", "--samples", "1", "--json"]) == 0
+    assert "bias: computed once" in capsys.readouterr().err
 
 
 def test_explain_follows_the_digits_through_the_tree(tiny, capsys):
@@ -91,7 +93,7 @@ def test_explain_follows_the_digits_through_the_tree(tiny, capsys):
     assert len(failed) == 3 - row["correct"] > 0
     for block in failed:
         lines = [line.strip() for line in block.splitlines()[1:] if line.startswith("    ")]
-        assert lines[0].startswith("node L0.") and lines[-1].startswith("final cache: ")
+        assert lines[0].startswith("node 0.") and lines[-1].startswith("final cache: ")
         final = lines[-1].removeprefix("final cache: ").split(";")[0].split(" | ")
         assert len(final) == 2 and all(len(c) == 5 and set(c) <= set("0123456789_") for c in final)
 
@@ -114,7 +116,8 @@ def test_sample_document_decodes_no_more_than_asked(tiny_hf_model):
 def test_perplexity_scores_every_token_once_in_every_mode(tiny, capsys):
     model_dir, bias = tiny
     modes = "plain,linear,dynamic,yarn,sliding,homer,homer-uncalibrated,homer-random"
-    argv = ["perplexity", "--model", str(model_dir), "--length", "4", "--modes", modes, "--json"]
+    argv = ["perplexity", "--model", str(model_dir), "--tokenizer", str(TOKENIZER), "--length", "4", "--modes", modes]
+    argv += ["--json"]
     assert main(argv + ["--score-from", "100", "--score-to", "230"]) == 0
     rows = rows_of(capsys)
     assert [r["mode"] for r in rows] == modes.split(",")
@@ -148,8 +151,8 @@ def test_bad_arguments_exit_2_with_a_one_line_error(tiny, capsys):
     base = ["passkey", "--model", str(model_dir), "--tokenizer", str(TOKENIZER), "--samples", "1"]
     assert run_main(main, base + ["--modes", "plain,nope"]) == 2
     assert "unknown mode 'nope'" in capsys.readouterr().err
-    assert run_main(main, base + ["--modes", "homer"]) == 2  # no bias table in a random model's directory
-    assert "homer-uncalibrated" in capsys.readouterr().err
+    assert run_main(main, base + ["--modes", "homer", "--bias", str(model_dir / "none.safetensors")]) == 2
+    assert "none.safetensors" in capsys.readouterr().err
     assert run_main(main, base + ["--modes", "homer-random", "--lengths", "2", "--max-chunk-len", "12"]) == 2
     assert "error:" in capsys.readouterr().err
 

@@ -25,4 +25,6 @@ def test_generate_without_arguments_runs_the_passkey_demo():
     assert re.search(rf">>>\s+The\s+pass\s+key\s+is\s+{key}\s", run.stderr)  # the prompt in full, passkey marked
     assert run.stdout.strip() == f"{key} ."
     assert re.search(r"HOMER answered '\d{5} \.' \(right\); plain inference answered '.*' \(wrong\)", run.stderr)
-    assert "HOMER: P=1 C=" in run.stderr  # the plan line: chunks, height, layers, live KV
+    assert "HOMER plan: L=8 W=3 M=248 T=248 P=1 C=" in run.stderr  # the resolved plan, printed once
+    assert len(re.findall(r"^\s+\d+\.\d+\s+\[", run.stderr, flags=re.M)) == 31, "16 leaves: 31 nodes listed"
+    assert "bias: beside the model:" in run.stderr and "peak live KV" in run.stderr

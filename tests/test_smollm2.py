@@ -180,15 +180,28 @@ def test_ids_in_and_out(smollm2, loaded_once, tmp_path, capsys):
     assert tok.decode(new_ids) == text and len(new_ids) == 8
 
 
-def test_homer_reads_a_long_chat_prompt(smollm2, loaded_once, capsys):
+def test_homer_on_a_long_chat_prompt_computes_its_table_once(smollm2, loaded_once, capsys):
     """HOMER (forced: two chunks of 256) with the chat template's opening in the prefix and its closing in the
-    suffix answers a question about the text (greedy; calibrated on the prompt's own context)."""
+    suffix, through `generate`'s defaults: with no table beside the model, the first run computes one on the
+    default calibration text and caches it, the second finds it; both answer the same, about the text.
+
+    (Which facts of the text HOMER reads back on this model depends on the table: with one calibrated on this
+    prompt's own context it answered "in a wooden chest"; with the default text's, as with none, it names an
+    island. The README's SmolLM2 section has the measured picture.)"""
     path, _, _ = smollm2
     prompt = ENGLISH + "\n" + "Where did the volunteers find the old log books?"
     argv = ["--model", str(path), "--chat", "--prompt", prompt, "--mode", "homer", "--max-chunk-len", "256",
             "--max-new-tokens", "16"]  # fmt: skip
-    out = answer(capsys, argv)
-    assert "chest" in out, out
+    capsys.readouterr()
+    assert generate_main(argv) == 0
+    first = capsys.readouterr()
+    assert "bias: computed once (4 windows of 256 tokens of text.txt" in first.err
+    assert "<|im_start|>" not in first.out and "log books" in first.out
+    assert generate_main(argv) == 0
+    second = capsys.readouterr()
+    assert "bias: cache: " in second.err and "computed" not in second.err and second.out == first.out
+    plan_lines = [line for line in first.err.splitlines() if line.startswith("HOMER plan: ")]
+    assert plan_lines == ["HOMER plan: L=30 W=11 M=256 T=256 P=24 C=349 S=16 (calibrated)"]
 
 
 def test_passkey_prompts_in_the_models_own_tokens(smollm2):

@@ -19,7 +19,7 @@ from homer_ref.homer import homer_generate, homer_prefill, plan
 from homer_ref.tasks import passkey
 
 model, tok, bias = passkey_model()  # bias: the calibration table shipped with the model (tutorial 04)
-prompt = demo_prompt(tok)  # 8x the trained context, seed 5 (`python -m homer_ref.generate` answers seed 0)
+prompt = demo_prompt(tok)  # 8x the trained context, seed 5 (the `python -m homer_ref.generate` demo shows seed 3)
 print(f"trained context {TRAINED}; prompt {len(prompt.ids)} tokens = {len(prompt.ids) / TRAINED:.1f}x")
 print("the haystack begins:", tok.decode(prompt.context[:40]), "...")
 print("the needle:         ", tok.decode(prompt.context[prompt.digit_slots[0] - 5 : prompt.digit_slots[-1] + 2]))
@@ -49,8 +49,8 @@ print(f"true pass key {prompt.passkey}; HOMER answers {homer_answer!r}; plain in
 print(f"HOMER's cache: {len(cache.positions)} slots per layer for a {len(prompt.ids)}-token prompt")
 
 # %% [markdown]
-# Plain inference does read a pass key that sits within its last couple of hundred tokens (seed 0, the
-# `generate` demo's prompt, is one); one in the middle, like this one, it misreads. The model card measures
+# Plain inference does read a pass key that sits within its last couple of hundred tokens (seed 0 is one: the
+# `generate` demo's first prompt); one in the middle, like this one, it misreads. The model card measures
 # plain inference at 9.5% on such prompts, HOMER at 96%.
 #
 # Which tokens are those 247 slots? Every slot knows where it came from: `cache.slot_sources()` names its

@@ -20,7 +20,7 @@ import tempfile
 
 import numpy as np
 import torch
-from common import numpy_oracle, pieces, stories_model
+from common import numpy_oracle, stories_model
 
 from homer_ref.data import STORIES260K
 from homer_ref.llama import apply_rope, rope_cos_sin
@@ -32,7 +32,7 @@ print(f"L={cfg.num_hidden_layers} D={cfg.hidden_size} Hq={cfg.num_attention_head
       f"Dh={cfg.head_dim} V={cfg.vocab_size}, trained context {cfg.max_position_embeddings}")  # fmt: skip
 ids = tok.encode("Once upon a time, there was a little girl named Lily. She loved to play with her")
 x, positions = torch.tensor([ids]), torch.arange(len(ids))  # [1, T], [T]: position ids 0..T-1
-print(f"{len(ids)} tokens:", "|".join(pieces(tok, ids)))
+print(f"{len(ids)} tokens:", "|".join(tok.token_texts(ids)))
 
 # %% [markdown]
 # ## 1. RoPE: positions as rotations

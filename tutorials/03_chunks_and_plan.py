@@ -18,7 +18,7 @@
 # %%
 import math
 
-from common import DEMO_M, demo_config, demo_prompt, passkey_model, pieces, runs
+from common import DEMO_M, demo_config, demo_prompt, passkey_model, runs
 
 from homer_ref.homer import plan
 from homer_ref.homer.chunking import make_leaf
@@ -49,7 +49,7 @@ print("context tokens per leaf:", list(p.leaf_context))
 leaves = {i: make_leaf(p, i, prompt.prefix, prompt.context, prompt.suffix) for i in range(N)}  # each: ids,
 for i in (0, 9, N - 1):  # positions, is_context (the reduction mask: only context can be pruned), sources
     ids, positions, is_context, _ = leaves[i]
-    text = "".join(pieces(tok, ids[P : P + 6].tolist()))
+    text = "".join(tok.token_texts(ids[P : P + 6].tolist()))
     print(f"leaf {i:2d}: {len(ids)} slots, positions {runs(positions[:P])} | {runs(positions[P:-S])} | "
           f"{runs(positions[-S:])}   context starts {text!r} ...")  # fmt: skip
 

@@ -7,7 +7,7 @@
 
 # %%
 import torch
-from common import demo_config, demo_prompt, passkey_model, pieces
+from common import demo_config, demo_prompt, passkey_model
 
 from homer_ref.decoding import generate_plain
 from homer_ref.homer import continuation_logits, homer_generate, homer_prefill
@@ -66,29 +66,35 @@ leaf_of = {c: c // p.e for c in needle}
 for leaf in sorted(set(leaf_of.values())):
     words = [c for c in needle if leaf_of[c] == leaf]
     start, stop = leaf_span(p, leaf)
-    print(f"  leaf {leaf} (context {start}..{stop - 1}): {''.join(pieces(tok, [prompt.context[c] for c in words]))!r}")
+    print(
+        f"  node 0.{leaf} (context {start}..{stop - 1}): {''.join(tok.token_texts(prompt.context[c] for c in words))!r}"
+    )
 slot_of = {s: k for k, s in enumerate(cache.sources.tolist())}  # prompt index -> final cache slot
+texts = tok.token_texts(prompt.context)
 print("in the final cache, token@position:", " ".join(
-    f"{pieces(tok, [prompt.context[c]])[0].strip() or '▁'}@{int(cache.positions[slot_of[P + c]])}" if P + c in slot_of
-    else "·" for c in needle))  # fmt: skip
+    f"{texts[c].strip() or '▁'}@{int(cache.positions[slot_of[P + c]])}" if P + c in slot_of else "·"
+    for c in needle))  # fmt: skip
 for t in cache.nodes:  # where the others went: the node that removed each, and its rank there
     for j in t.removed.tolist():
         c = int(t.input_sources[j]) - P
         if c in needle:
             order = t.scores.masked_fill(~t.scores.isfinite(), -float("inf")).argsort(descending=True).tolist()
-            word, n_context = pieces(tok, [prompt.context[c]])[0], int(t.scores.isfinite().sum())
+            word, n_context = texts[c], int(t.scores.isfinite().sum())
             print(f"  {word!r:9} removed by node {t.level}.{t.index}: rank {order.index(j)} of {n_context} context "
                   f"tokens, {len(t.kept)} kept")  # fmt: skip
-no_pruning = homer_prefill(model, *parts, demo_config(reduction="none"))  # the same tree, nothing pruned
+# reduction="none" is not HOMER but a diagnostic (`eval passkey --modes homer-no-pruning`): the same tree, every
+# node's target its whole input, so nothing is pruned and only the merging is left.
+no_pruning = homer_prefill(model, *parts, demo_config(reduction="none"))
 no_pruning_answer = tok.decode(homer_generate(model, no_pruning, passkey.ANSWER_TOKENS))
 print(f"merging without pruning anything ({len(no_pruning.positions)} slots) answers {no_pruning_answer!r}")
 
 
 # %% [markdown]
-# The boundary between leaves 1 and 2 runs through the needle. Leaf 1 saw "The pass key" with no digits after
-# it: to its last query those are ordinary words, and the nodes above pruned them (`·`); of the needle only "is",
-# the digits and the dots reached the cache, at leaf 2's positions 1–18. Did that pruning cause the miss?
-# No: the same tree merging every token misreads too. The node that misread is leaf 2, which ran its four
+# The boundary between nodes 0.1 and 0.2 (two leaves) runs through the needle. Node 0.1 saw "The pass key" with
+# no digits after it: to its last query those are ordinary words, and the nodes above pruned them (`·`); of the
+# needle only "is", the digits and the dots reached the cache, at node 0.2's positions 1–18. Did that pruning
+# cause the miss?
+# No: the same tree merging every token misreads too. The node that misread is node 0.2, which ran its four
 # layers on the digits without ever seeing "The pass key" before them: its chunk alone — 138 tokens, well inside
 # the trained context, read by plain inference — already gets the key wrong, while the same-sized window shifted
 # to hold the whole needle reads it. Drop one filler sentence from the start of the haystack, so that the
@@ -101,7 +107,7 @@ leaf_alone = tok.decode(generate_plain(model, window(start, stop), passkey.ANSWE
 shifted = tok.decode(generate_plain(model, window(start - 20, stop - 20), passkey.ANSWER_TOKENS))
 moved = homer_prefill(model, prompt.prefix, prompt.context[11:], prompt.suffix, demo_config(), bias=bias)
 moved_answer = tok.decode(homer_generate(model, moved, passkey.ANSWER_TOKENS))
-print(f"leaf 2's chunk alone: {leaf_alone!r}; shifted 20 tokens left: {shifted!r}; boundary moved: {moved_answer!r}")
+print(f"node 0.2's chunk alone: {leaf_alone!r}; shifted 20 tokens left: {shifted!r}; boundary moved: {moved_answer!r}")
 
 # %% [markdown]
 # Is this the rule or an accident? Over 20 seeded prompts, which ones does HOMER miss, and is their needle cut?
@@ -137,7 +143,7 @@ print("all checks passed")
 # %% [markdown]
 # ## Try this
 #
-# 1. `python -m homer_ref.explain --seed 1 --out miss.html`: find leaf 1 and leaf 2 in the picture and the two
+# 1. `python -m homer_ref.explain --seed 1 --out miss.html`: find nodes 0.1 and 0.2 in the picture and the two
 #    halves of the needle.
 # 2. The misses sit where e = 127 puts a boundary through the needle. Run the loop over `range(150)`; then with
 #    64 leaves at 32x (`demo_prompt(tok, seed, multiple=32)`): more boundaries, more cut needles, more misses?

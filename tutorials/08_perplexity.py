@@ -31,8 +31,9 @@ print(f"{len(ids)} tokens; trained context {lm.cfg.max_position_embeddings}")
 #    compact cache (at positions last_position + 1, + 2, ...), each predicting the token after it.
 #
 # Every token is predicted exactly once. The HOMER cache's own `logits[-1]` would predict token `end` again; the
-# protocol does not use it. The bias table is calibrated on the first 2·ev tokens, which every scored token has
-# already seen.
+# protocol does not use it. Here the bias table is calibrated on the first 2·ev tokens, which every scored token
+# has already seen (`python -m homer_ref.eval perplexity` takes the table every command uses instead:
+# `homer_ref.bias`, computed once on ordinary English and cached; the protocol is the same).
 
 # %%
 M = ev = 256
@@ -98,4 +99,5 @@ print("all checks passed")
 #    window? Predict, then run.
 # 2. Without the bias (`bias=None`): how much does calibration matter here?
 # 3. `nll_plain(lm, ids, lo, hi, rope="yarn")` and `rope="dynamic"`: RoPE scaling instead of HOMER.
-# 4. The same from the command line: `python -m homer_ref.eval perplexity --model homer_ref/data/stories260K`.
+# 4. The same from the command line: `python -m homer_ref.eval perplexity --model homer_ref/data/stories260K
+#    --length 3 --modes plain,sliding,homer` (the directory holds llama2.c's .bin and its tokenizer).

@@ -20,7 +20,6 @@ from pathlib import Path
 import torch
 
 import homer_ref
-from homer_ref.cli.explain import token_pieces as pieces  # each token's text, '▁' shown as a space
 from homer_ref.data import PASSKEY_MODEL, STORIES260K
 from homer_ref.homer import HomerConfig
 from homer_ref.homer.calibration import BIAS_FILE, load_bias
@@ -35,7 +34,6 @@ __all__ = [
     "demo_prompt",
     "numpy_oracle",
     "passkey_model",
-    "pieces",
     "runs",
     "stories_model",
 ]
@@ -85,7 +83,7 @@ def stories_document(model: homer_ref.Llama, tok: homer_ref.Tokenizer, stories: 
 
 def demo_prompt(tok: homer_ref.Tokenizer, seed: int = DEMO_SEED, multiple: float = 8) -> passkey.PasskeyPrompt:
     """The tutorials' passkey prompt (`seed` picks the passkey, its depth and the filler; `python -m
-    homer_ref.explain --seed 5` draws this one, `python -m homer_ref.generate` answers seed 0)."""
+    homer_ref.explain --seed 5` draws this one; the `python -m homer_ref.generate` demo shows seed 3 in full)."""
     return passkey.demo_prompt(tok, TRAINED, seed, multiple)
 
 

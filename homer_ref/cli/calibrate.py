@@ -1,4 +1,9 @@
-"""`python -m homer_ref.calibrate`: compute HOMER's distance-bias table from a text file (HOMER_SPEC.md N.2.4)."""
+"""`python -m homer_ref.calibrate`: compute HOMER's distance-bias table from a text (HOMER_SPEC.md D.2, N.2.4).
+
+The other commands find or compute a table themselves (`homer_ref.bias`: beside the model, the user cache, or
+computed once on the default calibration text); this one makes a table of your choosing (your own text, more
+windows, YaRN active) to ship beside a model as homer_bias.safetensors or to pass as --bias.
+"""
 
 import argparse
 import json
@@ -7,8 +12,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-import torch
-
+from homer_ref.atomic import save_atomic
 from homer_ref.cli.common import (
     MODEL_HELP,
     check_out,
@@ -17,10 +21,11 @@ from homer_ref.cli.common import (
     open_tokenizer,
     progress,
     run_main,
-    save_atomic,
 )
+from homer_ref.data import CALIBRATION_TEXT
 from homer_ref.homer.calibration import calibrate, windows_from_ids
 from homer_ref.loading.weights import rope_scaled
+from homer_ref.progress import progress_bar
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,7 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--model", required=True, help=MODEL_HELP)
     p.add_argument("--tokenizer", help="tokenizer.json, sentencepiece .model or .gguf (default: the model's own)")
-    p.add_argument("--text", required=True, type=Path, help="UTF-8 text file to calibrate on")
+    p.add_argument(
+        "--text", type=Path, default=CALIBRATION_TEXT, help="UTF-8 text file to calibrate on (default: homer_ref's own)"
+    )
     p.add_argument("--max-chunk-len", required=True, type=int, help="M: the table covers distances 0..M-1")
     p.add_argument("--samples", type=int, default=32, help="number of windows of M tokens (default 32)")
     p.add_argument(
@@ -66,11 +73,9 @@ def main(argv: list[str] | None = None) -> int:
         model = rope_scaled(model, "yarn", args.yarn)
     windows = windows_from_ids(ids, args.max_chunk_len, args.samples)
     t0 = time.perf_counter()
-    total = torch.zeros(model.cfg.num_hidden_layers, args.max_chunk_len, dtype=torch.float64)
-    for i, window in enumerate(windows):  # one window at a time, so progress can be shown
-        total += calibrate(model, [window]).to(torch.float64)
-        progress(f"calibrate: window {i + 1}/{len(windows)} ({time.perf_counter() - t0:.1f} s)")
-    bias = (total / len(windows)).to(torch.float32)
+    L = model.cfg.num_hidden_layers
+    with progress_bar(len(windows) * L, f"calibrating on {len(windows)} windows", "layer") as bar:
+        bias = calibrate(model, windows, bar)
     rope = asdict(model.cfg.rope_scaling) | {"rope_theta": model.cfg.rope_theta}
     metadata = {
         "model": str(args.model),
@@ -80,7 +85,8 @@ def main(argv: list[str] | None = None) -> int:
         "text": str(args.text),
     }
     save_atomic({"bias": bias.contiguous()}, args.out, metadata)
-    progress(f"wrote {args.out}: bias [{bias.shape[0]}, {bias.shape[1]}] from {len(windows)} windows")
+    progress(f"wrote {args.out}: bias [{bias.shape[0]}, {bias.shape[1]}] from {len(windows)} windows "
+             f"({time.perf_counter() - t0:.1f} s)")  # fmt: skip
     return 0
 
 

@@ -6,41 +6,18 @@ Set HOMER_REF_TRACEBACK=1 to see the traceback of an unexpected exception.
 """
 
 import argparse
-import ctypes
 import os
-import re
-import resource
 import sys
-import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from homer_ref.loading import CheckpointError, check_tokenizer, load_config, load_model, load_tokenizer
 from homer_ref.loading.tokenizer import find_tokenizer_file
+from homer_ref.memory import return_freed_memory
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def return_freed_memory(threshold: int = 1 << 20) -> bool:
-    """Have glibc's malloc serve every block of >= `threshold` bytes from its own memory map, so that a freed
-    activation goes back to the system at once. True if set; False where the C library is not glibc.
-
-    By default glibc raises that threshold to the largest block freed so far (up to 32 MiB); after a few layers a
-    long prompt's activations come from the heap, interleave with the KV cache and are never returned. Measured on
-    SmolLM2 (4,096 tokens, plain prefill): 370 MiB resident above the model after the last layer for a 180 MiB
-    cache by default, 204 MiB with this. Python API users get the same with MALLOC_MMAP_THRESHOLD_=1048576."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        return bool(libc.mallopt(M_MMAP_THRESHOLD, threshold))
-    except (OSError, AttributeError):
-        return False
-
-
-M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
 
 
 def run_main(main: Callable[[list[str] | None], int], argv: list[str] | None = None) -> int:
@@ -90,59 +67,6 @@ def set_threads_for(model: torch.nn.Module) -> None:
         torch.set_num_threads(1)
 
 
-class Measured:
-    """Wall time, CPU time and peak RSS of one block of work: `with Measured() as m: ...`, then `m.row()`.
-
-    The peak is the process's resident-set high-water mark (Linux `VmHWM`), reset when the block starts (writing 5
-    to /proc/self/clear_refs), so that each measured block reports its own peak even in a long-running process.
-    Where the reset is unavailable the peak is the process's lifetime `ru_maxrss` (`peak_is_lifetime` says so)."""
-
-    def __enter__(self) -> "Measured":
-        self.peak_is_lifetime = not reset_peak_rss()
-        self.rss_start = current_rss()
-        self.wall, self.cpu = time.perf_counter(), time.process_time()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.wall, self.cpu = time.perf_counter() - self.wall, time.process_time() - self.cpu
-        self.peak = peak_rss()
-
-    def row(self) -> dict:
-        """seconds (wall), cpu_seconds (this process), peak_rss_mib and rss_start_mib (resident set at the start)."""
-        mib = 2**20
-        row = {"seconds": round(self.wall, 2), "cpu_seconds": round(self.cpu, 2)}
-        row |= {"peak_rss_mib": round(self.peak / mib), "rss_start_mib": round(self.rss_start / mib)}
-        return row | ({"peak_rss_is_lifetime": True} if self.peak_is_lifetime else {})
-
-
-def _status_kib(field: str) -> int | None:
-    try:
-        match = re.search(rf"^{field}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.MULTILINE)
-    except OSError:
-        return None
-    return int(match.group(1)) if match else None
-
-
-def reset_peak_rss() -> bool:
-    """Reset this process's peak-RSS mark to its current RSS (Linux >= 4.0); False where that is impossible."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        return False
-    return _status_kib("VmHWM") is not None
-
-
-def current_rss() -> int:
-    """Bytes resident now (0 where /proc is unavailable)."""
-    return (_status_kib("VmRSS") or 0) * 1024
-
-
-def peak_rss() -> int:
-    """Bytes: the peak resident set since the last `reset_peak_rss` (or since the process started)."""
-    hwm = _status_kib("VmHWM")
-    return hwm * 1024 if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
 def parse_list(text: str, kind, name: str) -> list:
     try:
         values = [kind(v) for v in text.split(",") if v.strip()]
@@ -172,28 +96,6 @@ def command_parser(command: str, description: str) -> argparse.ArgumentParser:
 def progress(message: str) -> None:
     """One line of progress on stderr (stdout is kept for results, so commands pipe)."""
     print(message, file=sys.stderr, flush=True)
-
-
-_UMASK = os.umask(0o022)  # read once (the only way to read it is to set it), then restored on the next line
-os.umask(_UMASK)
-
-
-def replace_atomic(path: Path, write: Callable[[str], None]) -> None:
-    """`write(tmp)` a temporary file beside `path`, then rename it: an interrupted run leaves no partial file."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.close(fd)
-        write(tmp)
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes the file private; give it the mode a plain open would
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def save_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
-    """A safetensors file, written atomically (`replace_atomic`)."""
-    replace_atomic(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
 def open_tokenizer(model: str, tokenizer: str | None, required: bool = True):

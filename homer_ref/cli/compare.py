@@ -3,7 +3,7 @@
 For implementations in any language: write your trace in the format of docs/TRACE_FORMAT.md, then run this.
 It prints a report whose first line after the header names the first divergence in execution order, e.g.
 
-    first divergence: node (level 0, index 0), layer 2: kept slots differ at 2 of 14 input slots; first: ...
+    first divergence: node 0.0, layer 2: kept slots differ at 2 of 14 input slots; first: ...
 
 `python -m homer_ref.compare --validate mine.safetensors` checks one trace's tensor names, dtypes and shapes (and
 what follows from them: slot indices, removed counts, checkpoints, metadata) with no expected trace.

@@ -1,29 +1,24 @@
 """`python -m homer_ref.generate`: continue a prompt with a Llama checkpoint, with HOMER when it is too long.
 
 A prompt that fits the model's trained context runs plain; a longer one runs HOMER (`--mode` forces either).
-HOMER needs the prompt split into prefix / context / suffix (HOMER_SPEC.md A):
-- explicit: `--prefix TEXT` and/or `--suffix TEXT` around the prompt, or markers in the prompt text:
-  everything before a line `<<<CONTEXT>>>` is the prefix, everything after a line `<<<SUFFIX>>>` the suffix;
-- default: the prefix is BOS alone, the suffix the prompt's last line (the question at the end) — cut to its
-  last max_chunk_len/4 tokens if longer — and the context everything before it.
-Defaults follow the official scripts: M = T = trained context / 2, and W = 12 of every 32 layers (fewer where the
-tree needs them; `plan.default_warmup_layers`). The bias
-table is `homer_bias.safetensors` in the model directory, or `--bias FILE`; without one, HOMER calibrates on
-the prompt's own context and says so (`--reduction` picks another mode).
+HOMER needs the prompt split into prefix / context / suffix: `--prefix` / `--suffix`, markers in the prompt, or
+the default (BOS | everything but the last line | the last line); `--chat` puts the chat template's opening in
+the prefix and its closing in the suffix (`homer_ref.prompts` has the rules). Settings: M = half the trained
+context unless `--max-chunk-len`, T = M, W by the official scripts' rule (`homer.plan`); the resolved plan is
+printed before the prefill. The bias table: `--bias`, else `homer_bias.safetensors` beside the model, else the
+user cache, else computed once on the default calibration text and cached (`homer_ref.bias`).
 
 Models: an HF directory (or its model.safetensors / config.json), a GGUF file, or a llama2.c .bin; the tokenizer
 is the model's own (tokenizer.json or tokenizer.model beside it, the GGUF vocabulary) unless `--tokenizer`.
-`--chat` wraps the prompt in the model's chat template (one user turn, then the assistant header). With HOMER the
-template's opening (system prompt, user header) joins the prefix and its closing (end of the user turn,
-assistant header) the suffix, so that every chunk sees both; the default split then keeps the prompt's last line
-as the suffix, before the closing.
+Without `--model`, the shipped passkey model; without a prompt either, its passkey demo.
 
-Token ids instead of text: `--prompt-ids FILE.json` holds a JSON list of ints (the whole prompt; with
-`--prefix-ids` / `--suffix-ids` FILE.json around it for HOMER) or an object with `prefix_ids`, `context_ids`,
-`suffix_ids` (the trace input's names). `--print-ids` prints the generated ids as one JSON list instead of text,
-so a model without any tokenizer runs too.
+Token ids instead of text: `--prompt-ids` holds a JSON list of ints (the whole prompt; with `--prefix-ids` /
+`--suffix-ids` around it for HOMER) or an object with `prefix_ids`, `context_ids`, `suffix_ids` (the trace
+input's names), each given inline or as a file. `--print-ids` prints the generated ids as one JSON list instead
+of text, so a model without any tokenizer runs too.
 
-stdout carries the generated continuation only (so it pipes); settings, the HOMER plan and timing go to stderr.
+stdout carries the generated continuation only (so it pipes); settings, the HOMER plan, progress and timing go
+to stderr.
 """
 
 import argparse
@@ -34,6 +29,7 @@ import textwrap
 import time
 from pathlib import Path
 
+from homer_ref.bias import bias_for
 from homer_ref.cli.common import (
     DTYPES,
     MODEL_HELP,
@@ -45,27 +41,27 @@ from homer_ref.cli.common import (
     set_threads_for,
 )
 from homer_ref.decoding import check_ids, generate_plain, greedy_batch
-from homer_ref.homer import homer_generate, homer_prefill
-from homer_ref.homer.calibration import calibrate_on_context, find_bias
-from homer_ref.homer.plan import REDUCTIONS, HomerConfig, plan
+from homer_ref.homer import HomerCache, homer_generate, homer_prefill, plan
+from homer_ref.homer.plan import REDUCTIONS, HomerConfig, Plan, generation_config
+from homer_ref.homer.prefill import plan_work
 from homer_ref.homer.traversal import plain_kv
 from homer_ref.llama import Llama
-from homer_ref.loading import Tokenizer, load_model, load_tokenizer
+from homer_ref.loading import Tokenizer, check_tokenizer, load_config
+from homer_ref.progress import progress_bar
+from homer_ref.prompts import homer_parts, plain_ids
 from homer_ref.tasks import passkey
-
-CONTEXT_MARKER, SUFFIX_MARKER = "<<<CONTEXT>>>", "<<<SUFFIX>>>"
 
 
 def add_prompt_options(p: argparse.ArgumentParser) -> argparse._MutuallyExclusiveGroup:
     """The model and a text prompt, as `generate` takes them (shared with `explain`); returns the prompt group."""
-    p.add_argument("--model", help=MODEL_HELP + " (default: the shipped model)")
+    p.add_argument("--model", help=MODEL_HELP + " (default: the shipped passkey model)")
     p.add_argument(
         "--tokenizer",
         help="tokenizer.json, sentencepiece .model or .gguf (default: the model's own: tokenizer.json or "
         "tokenizer.model beside it, or the GGUF file's vocabulary)",
     )
     prompt = p.add_mutually_exclusive_group()
-    prompt.add_argument("--prompt", help="prompt text (default: empty, i.e. start from BOS)")
+    prompt.add_argument("--prompt", help="prompt text (default: the passkey demo)")
     prompt.add_argument("--prompt-file", type=Path, help="read the prompt from this UTF-8 file")
     p.add_argument("--prefix", help="HOMER prefix text (given to every chunk), placed before the prompt")
     p.add_argument("--suffix", help="HOMER suffix text (e.g. the question), placed after the prompt")
@@ -76,7 +72,12 @@ def add_prompt_options(p: argparse.ArgumentParser) -> argparse._MutuallyExclusiv
 def add_homer_options(p: argparse.ArgumentParser) -> argparse._ArgumentGroup:
     """HOMER's settings, as `generate` takes them (shared with `explain`); returns the group."""
     h = p.add_argument_group("HOMER")
-    h.add_argument("--max-chunk-len", type=int, help="M, affixes included (default: trained context / 2)")
+    h.add_argument(
+        "--max-chunk-len",
+        type=int,
+        help="M, affixes included (default: half the trained context; the passkey demo: the trained context less "
+        f"the answer's room, {passkey.ANSWER_ROOM} tokens)",
+    )
     h.add_argument("--target-len", type=int, help="T, final cache length (default: M)")
     h.add_argument(
         "--warmup-layers",
@@ -84,7 +85,12 @@ def add_homer_options(p: argparse.ArgumentParser) -> argparse._ArgumentGroup:
         help="W, layers only the leaves run (default: 12 of every 32 as the official scripts; fewer if the tree needs)",
     )
     h.add_argument("--reduction", choices=REDUCTIONS, default="calibrated", help="token reduction mode")
-    h.add_argument("--bias", type=Path, help="calibration table (default: homer_bias.safetensors in the model dir)")
+    h.add_argument(
+        "--bias",
+        type=Path,
+        help="calibration table (default: homer_bias.safetensors beside the model, else the user cache, else "
+        "computed once and cached)",
+    )
     return h
 
 
@@ -98,37 +104,30 @@ def build_parser() -> argparse.ArgumentParser:
     prompt = add_prompt_options(p)
     prompt.add_argument(
         "--prompt-ids",
-        type=Path,
-        help="JSON file of token ids: a list (the prompt), or an object with prefix_ids, context_ids, suffix_ids",
+        help="token ids, as JSON or a JSON file: a list (the prompt), or an object with prefix_ids, context_ids, "
+        "suffix_ids",
     )
-    p.add_argument("--prefix-ids", type=Path, help="JSON list of token ids before --prompt-ids (HOMER's prefix)")
-    p.add_argument("--suffix-ids", type=Path, help="JSON list of token ids after --prompt-ids (HOMER's suffix)")
+    p.add_argument("--prefix-ids", help="HOMER prefix ids (a JSON list or a file holding one) before --prompt-ids")
+    p.add_argument("--suffix-ids", help="HOMER suffix ids (a JSON list or a file holding one) after --prompt-ids")
     p.add_argument("--print-ids", action="store_true", help="print the generated token ids (a JSON list), not text")
+    p.add_argument("--mode", choices=("auto", "plain", "homer"), default="auto", help="auto: HOMER when too long")
     p.add_argument("--max-new-tokens", type=int, default=100, help="tokens to generate (default 100)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default), > 0 samples")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (default 1)")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0: off)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed; the demo's first prompt (default 0)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="compute dtype (default float32)")
-    h = add_homer_options(p)
-    h.add_argument(
-        "--mode",
-        choices=["auto", "plain", "homer"],
-        default="auto",
-        help="auto (default): plain if the prompt fits the trained context, else HOMER",
-    )
+    add_homer_options(p)
     return p
 
 
 def check_homer_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """Usage errors for the prompt and HOMER options that argparse cannot check alone."""
+    """Usage errors for the HOMER options that argparse cannot check alone."""
     for name in ("max_new_tokens", "warmup_layers"):
         if getattr(args, name) is not None and getattr(args, name) < 0:
             parser.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     for name in ("max_chunk_len", "target_len"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.model is None and (args.prompt is not None or args.prompt_file is not None):
-        parser.error("--prompt needs --model (without --model the shipped passkey demo runs)")
 
 
 def read_prompt(parser: argparse.ArgumentParser, args: argparse.Namespace) -> str:
@@ -143,55 +142,29 @@ def read_prompt(parser: argparse.ArgumentParser, args: argparse.Namespace) -> st
         parser.error(f"--prompt-file {args.prompt_file}: {e.strerror}")
 
 
-def split_prompt(text: str, prefix: str | None, suffix: str | None) -> tuple[str, str, str]:
-    """(prefix, context, suffix) texts from explicit options, markers, or the default (see module docstring)."""
-    if CONTEXT_MARKER in text or SUFFIX_MARKER in text:
-        head, _, rest = text.partition(CONTEXT_MARKER) if CONTEXT_MARKER in text else ("", "", text)
-        body, _, tail = rest.partition(SUFFIX_MARKER)
-        return (prefix or "") + head.strip("\n"), body.strip("\n"), tail.strip("\n") + (suffix or "")
-    if suffix is not None:
-        return prefix or "", text, suffix
-    body, _, last = text.rstrip("\n").rpartition("\n")
-    return prefix or "", body, last
-
-
-def encode_parts(tok: Tokenizer, prefix: str, context: str, suffix: str, max_suffix: int, bos: bool | None = None):
-    """Token ids of the three parts: BOS (when the model adds one; `bos` forces it) starts the prefix; an over-long
-    suffix moves its head into the context."""
-    prefix_ids, context_ids, suffix_ids = (
-        tok.encode(prefix, bos=bos),
-        tok.encode(context, False),
-        tok.encode(suffix, False),
-    )
-    if len(suffix_ids) > max_suffix:
-        context_ids, suffix_ids = context_ids + suffix_ids[:-max_suffix], suffix_ids[-max_suffix:]
-    return prefix_ids, context_ids, suffix_ids
-
-
-def homer_parts(tok: Tokenizer, args: argparse.Namespace, text: str, M: int):
-    """HOMER's (prefix, context, suffix) ids of a text prompt: the split of `split_prompt`, and under --chat the
-    template's opening joined to the prefix and its closing to the suffix (so every chunk sees both)."""
-    opening, closing = tok.chat_affixes() if args.chat else ("", "")
-    prefix, context, suffix = split_prompt(text, args.prefix, args.suffix)
-    bos = False if args.chat else None  # a chat template writes its own BOS
-    return encode_parts(tok, opening + prefix, context, suffix + closing, max(1, M // 4), bos)
-
-
-def read_ids(path: Path, name: str, parts: bool = False):
-    """Token ids from a JSON file: a list of ints, or (when `parts`) also an object with prefix_ids, context_ids
-    and suffix_ids, returned as a (prefix, context, suffix) tuple. A ValueError names what is wrong."""
+def read_ids(value: str, name: str, parts: bool = False):
+    """Token ids given as JSON text or as a JSON file: a list of ints, or (when `parts`) also an object with
+    prefix_ids, context_ids and suffix_ids, returned as a (prefix, context, suffix) tuple. A ValueError names
+    what is wrong."""
+    if value.lstrip().startswith(("[", "{")):
+        text, where = value, name
+    else:
+        try:
+            text, where = Path(value).read_text(encoding="utf-8"), f"{name} {value}"
+        except OSError as e:
+            raise ValueError(f"{name} {value}: {e.strerror} (give a JSON list of ids, or a file holding one)") from e
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{name} {value}: not valid UTF-8 JSON ({e})") from e
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except OSError as e:
-        raise ValueError(f"{name} {path}: {e.strerror}") from e
-    except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, numbers too long or too deep
-        raise ValueError(f"{name} {path}: not valid UTF-8 JSON ({e})") from e
+        data = json.loads(text)
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, numbers too long or too deep
+        raise ValueError(f"{where}: not valid UTF-8 JSON ({e})") from e
     keys = ("prefix_ids", "context_ids", "suffix_ids")
     if parts and isinstance(data, dict):
         if set(data) != set(keys):
-            raise ValueError(f"{name} {path}: a JSON object must have exactly the keys {', '.join(keys)}")
-        return tuple(_id_list(data[key], f"{name} {path}: '{key}'") for key in keys)
-    return _id_list(data, f"{name} {path}")
+            raise ValueError(f"{where}: a JSON object must have exactly the keys {', '.join(keys)}")
+        return tuple(_id_list(data[key], f"{where}: '{key}'") for key in keys)
+    return _id_list(data, where)
 
 
 def _id_list(value, what: str) -> list[int]:
@@ -214,6 +187,35 @@ def prompt_from_ids(args, parser):
     return prefix + given + suffix, (prefix, given, suffix)
 
 
+def homer_config(args, trained_context: int) -> HomerConfig:
+    """The command line's HOMER settings, the defaults resolved by the library (`generation_config`)."""
+    return generation_config(trained_context, args.max_chunk_len, args.target_len, args.warmup_layers,
+                             args.reduction, args.seed)  # fmt: skip
+
+
+def run_homer(model: Llama, tok: Tokenizer | None, parts, p: Plan, bias, model_path) -> HomerCache:
+    """HOMER prefill as the commands run it, on the plan made for `parts`: the plan printed, the bias table found
+    or computed (`homer_ref.bias`), a progress bar, and a summary line on stderr."""
+    progress(str(p))
+    table = None
+    if p.config.reduction == "calibrated" and not p.prunes and bias is None:
+        progress("bias: not needed (no node removes anything: one chunk holds the whole prompt)")
+    elif p.config.reduction == "calibrated":  # a --bias given is checked even where it is not needed
+        if tok is None and bias is None:
+            raise ValueError("the calibrated reduction needs a bias table: pass --bias, or a tokenizer to compute one")
+        table, source = bias_for(model, tok, p.M, bias, model_path, report=progress)
+        progress(f"bias: {source}")
+    t = time.perf_counter()
+    with progress_bar(plan_work(p), f"HOMER prefill, {p.N} leaves", "tok-layer") as bar:
+        cache = homer_prefill(model, *parts, p, bias=table, progress=bar)
+    progress(
+        f"HOMER: final cache {len(cache.positions)} slots x {p.L} layers; peak live KV {cache.peak_kv_token_layers} "
+        f"token-layers vs {plain_kv(p)} plain ({cache.peak_kv_token_layers / plain_kv(p):.2f}x); "
+        f"prefill {time.perf_counter() - t:.2f} s"
+    )
+    return cache
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -222,42 +224,41 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--temperature must be a finite number >= 0, got {args.temperature}")
     if not 0 < args.top_p <= 1:
         parser.error(f"--top-p must be in (0, 1], got {args.top_p}")
-    if args.model is None:
-        if args.prompt_ids is not None:
-            parser.error("--prompt-ids needs --model (without --model the shipped passkey demo runs)")
-        return passkey_demo(args)
     if (args.prefix_ids or args.suffix_ids) and args.prompt_ids is None:
         parser.error("--prefix-ids/--suffix-ids need --prompt-ids (for text, use --prefix/--suffix)")
     if args.prompt_ids is not None and (args.prefix is not None or args.suffix is not None or args.chat):
         parser.error("--prefix/--suffix/--chat apply to text; with --prompt-ids give the ids of every part")
+    if args.model is None and args.prompt is None and args.prompt_file is None and args.prompt_ids is None:
+        return passkey_demo(args)
+    model_path = args.model or str(passkey.SHIPPED_MODEL)
     text = read_prompt(parser, args)
     prompt_ids, id_parts = prompt_from_ids(args, parser) if args.prompt_ids is not None else (None, None)
     t0 = time.perf_counter()
-    # Cheap checks first: the tokenizer, its vocabulary and the ids against the model's config, then the weights.
-    tokenizer = open_tokenizer(args.model, args.tokenizer, required=prompt_ids is None or not args.print_ids)
-    opening, closing = tokenizer.chat_affixes() if args.chat else ("", "")
+    # Cheap checks first: the model's config, the tokenizer, its vocabulary, the ids and the plan; then the weights.
+    cfg = load_config(model_path)
+    trained = cfg.max_position_embeddings
+    tokenizer = open_tokenizer(model_path, args.tokenizer, required=prompt_ids is None or not args.print_ids)
     if prompt_ids is None:
-        full = (args.prefix or "") + text + (args.suffix or "")
-        prompt_ids = tokenizer.encode(opening + full + closing, bos=False if args.chat else None)
-    mode = args.mode
-
-    def check(cfg) -> None:  # before the weights are read
-        nonlocal mode
-        check_ids(prompt_ids, cfg.vocab_size, "the prompt")
-        if mode == "auto":
-            mode = "plain" if len(prompt_ids) <= cfg.max_position_embeddings else "homer"
-        if mode == "homer" and args.prompt_ids is None and not text.strip():
-            raise ValueError("the prompt is empty, there is nothing for HOMER to read; pass --prompt or --prompt-file")
-        if mode == "homer" and args.prompt_ids is not None and id_parts is None:
-            raise ValueError(
-                "HOMER needs the prompt split into prefix / context / suffix: give --prompt-ids an object with "
-                "prefix_ids, context_ids and suffix_ids, or add --prefix-ids / --suffix-ids (or use --mode plain)"
-            )
-
-    model = open_model(args.model, tokenizer, DTYPES[args.dtype], check)
-    trained = model.cfg.max_position_embeddings
+        prompt_ids = plain_ids(tokenizer, text, args.prefix, args.suffix, args.chat)
+    mode = args.mode if args.mode != "auto" else "plain" if len(prompt_ids) <= trained else "homer"
+    if mode == "homer" and args.prompt_ids is None and not text.strip():
+        raise ValueError("the prompt is empty, there is nothing for HOMER to read; pass --prompt or --prompt-file")
+    if mode == "homer" and args.prompt_ids is not None and id_parts is None:
+        raise ValueError(
+            "HOMER needs the prompt split into prefix / context / suffix: give --prompt-ids an object with "
+            "prefix_ids, context_ids and suffix_ids, or add --prefix-ids / --suffix-ids (or use --mode plain)"
+        )
+    config = homer_config(args, trained)
+    parts = id_parts
+    if mode == "homer" and parts is None:
+        parts = homer_parts(tokenizer, text, config.max_chunk_len, args.prefix, args.suffix, args.chat)
+    if tokenizer is not None:
+        check_tokenizer(tokenizer, cfg)
+    check_ids(prompt_ids, cfg.vocab_size, "the prompt")
+    homer_plan = plan(cfg.num_hidden_layers, config, *map(len, parts)) if mode == "homer" else None
+    model = open_model(model_path, None, DTYPES[args.dtype])  # the weights, after every cheap check
     progress(
-        f"model {args.model} ({args.dtype}), prompt {len(prompt_ids)} tokens, trained context {trained}, mode {mode}"
+        f"model {model_path} ({args.dtype}), prompt {len(prompt_ids)} tokens, trained context {trained}, mode {mode}"
         + (", chat template" if args.chat else "")
     )
     printed, out = "", []
@@ -276,11 +277,10 @@ def main(argv: list[str] | None = None) -> int:
     sampling = dict(temperature=args.temperature, top_p=args.top_p, seed=args.seed, stop_ids=stop_ids)
     t1 = time.perf_counter()
     if mode == "plain":
-        generate_plain(model, prompt_ids, args.max_new_tokens, on_token=stream, **sampling)
+        with progress_bar(model.cfg.num_hidden_layers, f"prefill, {len(prompt_ids)} tokens", "layer") as bar:
+            generate_plain(model, prompt_ids, args.max_new_tokens, progress=bar, on_token=stream, **sampling)
     else:
-        M = args.max_chunk_len or trained // 2
-        parts = id_parts if args.prompt_ids is not None else homer_parts(tokenizer, args, text, M)
-        cache = run_homer(model, args, M, *parts, args.model)
+        cache = run_homer(model, tokenizer, parts, homer_plan, args.bias, model_path)
         homer_generate(model, cache, args.max_new_tokens, on_token=stream, **sampling)
     t2 = time.perf_counter()
     if args.print_ids:
@@ -291,42 +291,11 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def run_homer(model, args, M: int, prefix_ids, context_ids, suffix_ids, model_path):
-    """HOMER prefill with the command line's settings; reports the bias used and the plan on stderr."""
-    config = HomerConfig(M, args.target_len, args.warmup_layers, args.reduction, args.seed)
-    plan(model.cfg.num_hidden_layers, config, len(prefix_ids), len(context_ids), len(suffix_ids))  # errors first
-    bias = None
-    if args.reduction == "calibrated" and not context_ids:
-        progress("bias: not needed (the prompt has no context part: HOMER is the plain forward)")
-    elif args.reduction == "calibrated":
-        bias, source = find_bias(model_path, M, args.bias)
-        if bias is None:
-            bias, source = calibrate_on_context(model, context_ids, M), "none found, calibrated on the prompt's context"
-        progress(f"bias: {source}")
-    else:
-        progress(f"bias: none (reduction {args.reduction})")
-    t = time.perf_counter()
-    cache = homer_prefill(model, prefix_ids, context_ids, suffix_ids, config, bias=bias)
-    p = cache.plan
-    levels = ", ".join(f"h{h}: {p.nodes[(h, 0)].layers[0]}-{p.nodes[(h, 0)].layers[1] - 1}" for h in range(p.H + 1))
-    progress(
-        f"HOMER: P={p.P} C={p.C} S={p.S}, M={p.M} T={p.T} W={p.W}: {p.N} chunks, tree height {p.H}, layers {levels}; "
-        f"final cache {len(cache.positions)} slots x {p.L} layers; peak live KV {cache.peak_kv_token_layers} "
-        f"token-layers vs {plain_kv(p)} plain ({cache.peak_kv_token_layers / plain_kv(p):.2f}x); "
-        f"prefill {time.perf_counter() - t:.2f} s"
-    )
-    return cache
-
-
 def load_shipped_model(dtype: str) -> tuple[Llama, Tokenizer]:
-    """The shipped passkey model and its tokenizer (the commands' demos run on it)."""
-    if not (passkey.SHIPPED_MODEL / "config.json").is_file():
-        raise ValueError(
-            f"the shipped model is missing ({passkey.SHIPPED_MODEL}); reinstall homer_ref or pass --model DIR"
-        )
-    model = load_model(passkey.SHIPPED_MODEL, dtype=DTYPES[dtype])
+    """The shipped passkey model and its tokenizer, with the commands' thread setting."""
+    model, tok = passkey.shipped_model(DTYPES[dtype])
     set_threads_for(model)
-    return model, load_tokenizer(passkey.SHIPPED_MODEL)
+    return model, tok
 
 
 DEMO_PROMPTS = 16  # prompts at 8x the trained context: a score, not an anecdote, in ~12 s on one core
@@ -343,38 +312,41 @@ def passkey_demo(args) -> int:
     trained = model.cfg.max_position_embeddings
     seeds = range(args.seed, args.seed + DEMO_PROMPTS)
     prompts = [passkey.demo_prompt(tok, trained, seed) for seed in seeds]
-    # M as the model card measures it: the trained context less the answer's room, so that every generated
-    # position stays inside the trained range.
-    M = args.max_chunk_len or trained - passkey.ANSWER_ROOM
-    config = HomerConfig(M, args.target_len, args.warmup_layers, args.reduction, args.seed)
-    bias = find_bias(passkey.SHIPPED_MODEL, M, args.bias)[0] if args.reduction == "calibrated" else None
-    n, first = len(prompts[0].ids), prompts[0]
-    W = plan(model.cfg.num_hidden_layers, config, len(first.prefix), len(first.context), len(first.suffix)).W
+    config = passkey.homer_config(trained, args.max_chunk_len, args.target_len, args.warmup_layers, args.reduction,
+                                  args.seed)  # fmt: skip
+    first = prompts[0]
+    p = plan(model.cfg.num_hidden_layers, config, len(first.prefix), len(first.context), len(first.suffix))
+    bias = (
+        bias_for(model, tok, p.M, args.bias, passkey.SHIPPED_MODEL).table
+        if p.config.reduction == "calibrated"
+        else None
+    )
+    n = len(first.ids)
     progress(f"passkey demo: the shipped model (trained context {trained}) reads {len(prompts)} prompts of {n} tokens "
-             f"({n / trained:.1f}x), greedy; HOMER with M={M} T={config.target_len or M} W={W} "
-             f"({config.reduction})")  # fmt: skip
-    plain = [tok.decode(o) for o in greedy_batch(model, [p.ids for p in prompts], passkey.ANSWER_TOKENS)]
+             f"({n / trained:.1f}x), greedy; HOMER with M={p.M} T={p.T} W={p.W} ({config.reduction})")  # fmt: skip
+    plain = [tok.decode(o) for o in greedy_batch(model, [q.ids for q in prompts], passkey.ANSWER_TOKENS)]
     homer = []
-    for p in prompts:
-        cache = homer_prefill(model, p.prefix, p.context, p.suffix, config, bias=bias)
+    for q in prompts:
+        cache = homer_prefill(model, q.prefix, q.context, q.suffix, config, bias=bias)
         homer.append(tok.decode(homer_generate(model, cache, passkey.ANSWER_TOKENS)))
-    plain_ok = [passkey.score(a, p.passkey) for a, p in zip(plain, prompts)]
-    homer_ok = [passkey.score(a, p.passkey) for a, p in zip(homer, prompts)]
+    plain_ok = [passkey.score(a, q.passkey) for a, q in zip(plain, prompts)]
+    homer_ok = [passkey.score(a, q.passkey) for a, q in zip(homer, prompts)]
     progress(f"  plain inference: {sum(plain_ok):2d}/{len(prompts)} right")
     progress(f"  HOMER:           {sum(homer_ok):2d}/{len(prompts)} right")
     shown = next((i for i in range(len(prompts)) if homer_ok[i] and not plain_ok[i]), 0)
-    p = prompts[shown]
-    text = tok.decode(p.ids).replace(sentence := passkey.passkey_sentence(p.passkey), f">>> {sentence} <<<")
-    progress(f"the prompt of seed {seeds[shown]} in full ({len(p.ids)} tokens; the passkey sentence between >>> <<<;"
+    q = prompts[shown]
+    text = tok.decode(q.ids).replace(sentence := passkey.passkey_sentence(q.passkey), f">>> {sentence} <<<")
+    progress(f"the prompt of seed {seeds[shown]} in full ({len(q.ids)} tokens; the passkey sentence between >>> <<<;"
              f" `python -m homer_ref.explain --seed {seeds[shown]} --out x.html` draws what HOMER kept):")  # fmt: skip
     progress(textwrap.fill(text, width=110, initial_indent="  ", subsequent_indent="  "))
-    cache = run_homer(model, args, M, p.prefix, p.context, p.suffix, passkey.SHIPPED_MODEL)
+    parts = q.prefix, q.context, q.suffix
+    cache = run_homer(model, tok, parts, plan(p.L, config, *map(len, parts)), args.bias, passkey.SHIPPED_MODEL)
     new_tokens = args.max_new_tokens if args.max_new_tokens != 100 else passkey.ANSWER_TOKENS
     answer = tok.decode(homer_generate(model, cache, new_tokens, temperature=args.temperature, seed=args.seed))
     print(answer.strip())
     verdict = {True: "right", False: "wrong"}
-    progress(f"true passkey: {p.passkey}; HOMER answered {answer.strip()!r} "
-             f"({verdict[passkey.score(answer, p.passkey)]}); plain inference answered {plain[shown].strip()!r} "
+    progress(f"true passkey: {q.passkey}; HOMER answered {answer.strip()!r} "
+             f"({verdict[passkey.score(answer, q.passkey)]}); plain inference answered {plain[shown].strip()!r} "
              f"({verdict[plain_ok[shown]]})")  # fmt: skip
     return 0
 

@@ -9,6 +9,7 @@ import json
 import sys
 from pathlib import Path
 
+from homer_ref.atomic import save_atomic
 from homer_ref.cli.common import (
     DTYPES,
     MODEL_HELP,
@@ -17,7 +18,6 @@ from homer_ref.cli.common import (
     open_model,
     progress,
     run_main,
-    save_atomic,
 )
 from homer_ref.decoding import check_ids
 from homer_ref.homer import homer_prefill

@@ -7,8 +7,9 @@
     tokenizer.py  the Tokenizer interface: sentencepiece .model, HF tokenizer.json, chat templates
 
 `load_model(path)` picks the format from the path: a directory, `config.json` or a `.safetensors` file (an HF
-directory), a `.gguf` file, else a llama2.c `.bin`. `load_config(path)` reads only the config (no weights), so
-that a command checks its arguments and the tokenizer against the model before loading the weights.
+directory; a folder without config.json holding one `.gguf` or `.bin` file means that file), a `.gguf` file,
+else a llama2.c `.bin`. `load_config(path)` reads only the config (no weights), so that a command checks its
+arguments and the tokenizer against the model before loading the weights.
 """
 
 import os
@@ -43,6 +44,9 @@ def _model_format(path, caller: str) -> tuple[str, Path]:
         raise ValueError(f"{caller} needs a path (str or Path), got {type(path).__name__}")
     path = Path(path)
     if path.is_dir():
+        single = sorted(path.glob("*.gguf")) + sorted(path.glob("*.bin"))
+        if not (path / "config.json").is_file() and len(single) == 1:  # a folder holding one GGUF or llama2.c file
+            return _model_format(single[0], caller)
         return "hf", path
     if path.is_file():
         if path.name == "config.json" or path.suffix == ".safetensors":

@@ -3,6 +3,7 @@
     tok = load_tokenizer("model_dir_or_file")   # .model, tokenizer.json, a model directory, .gguf, .bin, .safetensors
     tok.encode(text)          # ids, BOS prepended when the model's own files say so (bos=True/False forces it)
     tok.decode(ids), tok.piece(id), tok.vocab_size, tok.bos_id, tok.eos_id, tok.stop_ids
+    tok.token_texts(ids)      # the text each token stands for in place ("".join gives the text; pictures use it)
     tok.chat_template         # the Jinja source from the model's files, or None
     tok.apply_chat([{"role": "user", "content": "Hi"}])  # the prompt text, rendered as transformers renders it
 
@@ -21,9 +22,12 @@ tokenizer in its directory, where the only `*.model` file also counts (llama2.c 
 `pip install 'homer_ref[models]'`; without them sentencepiece models work as before.
 """
 
+import codecs
 import importlib
 import json
 import os
+import re
+from functools import cached_property
 from pathlib import Path
 
 from homer_ref.llama import LlamaConfig
@@ -63,6 +67,23 @@ class Tokenizer:
     def piece(self, token_id: int) -> str:
         """The vocabulary entry of one id as stored, e.g. '▁time' (sentencepiece) or 'Ġtime' (byte-level BPE)."""
         raise NotImplementedError
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The UTF-8 bytes one token stands for in a text (a piece of a character, for a byte token); a special
+        token (BOS, a chat marker) stands for its name, e.g. b"<s>"."""
+        raise NotImplementedError
+
+    def is_special(self, token_id: int) -> bool:
+        """Whether a token is a control token (BOS, EOS, chat markers): text never contains it."""
+        raise NotImplementedError
+
+    def token_texts(self, ids) -> list[str]:
+        """The text each token of `ids` stands for where it is: spaces and newlines included, whatever the
+        vocabulary's spelling ('▁' of sentencepiece, 'Ġ' and 'Ċ' of byte-level BPE, byte pieces like <0x0A>).
+        A character whose bytes span several tokens belongs to the token that completes it, so that
+        "".join(token_texts(ids)) is the text; special tokens appear as their names."""
+        utf8 = codecs.getincrementaldecoder("utf-8")("replace")
+        return [utf8.decode(self.token_bytes(int(i))) for i in ids]
 
     def encode(self, text: str, bos: bool | None = None) -> list[int]:
         """Token ids of `text`; BOS first when `bos` (None: when the model's files say so)."""
@@ -149,6 +170,30 @@ class SentencePieceTokenizer(Tokenizer):
     def piece(self, token_id: int) -> str:
         return self._sp.id_to_piece(int(token_id))
 
+    def token_bytes(self, token_id: int) -> bytes:
+        return _spm_piece_bytes(self.piece(token_id), self._sp.is_byte(int(token_id)))
+
+    def is_special(self, token_id: int) -> bool:
+        return bool(self._sp.is_control(int(token_id)))
+
+
+BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # sentencepiece's byte fallback: one byte of a rarer character
+
+
+def _spm_piece_bytes(piece: str, is_byte: bool) -> bytes:
+    """A sentencepiece-style piece as text bytes: '▁' a space, a byte piece <0xNN> the byte NN."""
+    match = BYTE_PIECE.fullmatch(piece) if is_byte or piece.startswith("<0x") else None
+    return bytes([int(match.group(1), 16)]) if match else piece.replace("\u2581", " ").encode()
+
+
+def _byte_level_table() -> dict[str, int]:
+    """Byte-level BPE's alphabet (GPT-2's): each byte is spelled by one printable character, itself for the
+    printable bytes ! .. ~, ¡ .. ¬, ® .. ÿ, and chr(256 + k) for the k-th of the others in byte order (so a space
+    is 'Ġ', a newline 'Ċ'). Returns the inverse: character -> byte."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    return {chr(b): b for b in printable} | {chr(256 + k): b for k, b in enumerate(others)}
+
 
 def _id_or_none(i: int) -> int | None:
     return None if i < 0 else i  # sentencepiece says -1 for "no such token"
@@ -179,6 +224,36 @@ class HFTokenizer(Tokenizer):
 
     def special_token_texts(self) -> dict[str, str]:
         return super().special_token_texts() | self._special
+
+    @cached_property
+    def _spelling(self) -> str:
+        """How the vocabulary spells text: "byte_level" (GPT-2's alphabet), "metaspace" ('▁' and <0xNN> pieces,
+        sentencepiece's), or "plain" (pieces are text), read from the tokenizer's decoder."""
+        decoder = json.dumps(json.loads(self._tk.to_str()).get("decoder"), ensure_ascii=False)
+        if '"ByteLevel"' in decoder:
+            return "byte_level"
+        return "metaspace" if "\u2581" in decoder or "Metaspace" in decoder or "ByteFallback" in decoder else "plain"
+
+    @cached_property
+    def _special_ids(self) -> set[int]:
+        return {i for i, t in self._tk.get_added_tokens_decoder().items() if t.special}
+
+    def is_special(self, token_id: int) -> bool:
+        return int(token_id) in self._special_ids
+
+    def token_bytes(self, token_id: int) -> bytes:
+        piece = self.piece(token_id)
+        if self.is_special(token_id) or piece is None:
+            return (piece or "").encode()
+        if self._spelling == "byte_level":
+            table = _BYTE_LEVEL
+            return bytes(table[c] for c in piece) if all(c in table for c in piece) else piece.encode()
+        if self._spelling == "metaspace":
+            return _spm_piece_bytes(piece, False)
+        return self._tk.decode([int(token_id)], skip_special_tokens=False).encode()
+
+
+_BYTE_LEVEL = _byte_level_table()
 
 
 def _read_json(path: Path) -> dict:

@@ -17,7 +17,10 @@ import random
 import re
 from dataclasses import dataclass
 
+import torch
+
 from homer_ref.data import PASSKEY_MODEL
+from homer_ref.homer import HomerCache, HomerConfig
 
 FILLER = (
     "The river runs past the old mill .",
@@ -227,3 +230,80 @@ def filler_windows(tok, seed: int, count: int, length: int) -> list[list[int]]:
             ids += tok.encode(rng.choice(FILLER), bos=False)
         windows.append(ids[:length])
     return windows
+
+
+# ----------------------------------------------------------------------------------------------- HOMER on the task
+
+
+def homer_config(
+    trained_context: int,
+    max_chunk_len: int | None = None,
+    target_len: int | None = None,
+    warmup_layers: int | None = None,
+    reduction: str = "calibrated",
+    seed: int = 0,
+    rope_factor: float = 1.0,
+) -> HomerConfig:
+    """HOMER's settings on this task: M defaults to the (RoPE-scaled) trained context less the answer's room, so
+    that every generated position stays inside the trained range (the shipped model's card measures with it:
+    M = 256 - 8 = 248); T = M and W's rule as `plan` resolves them."""
+    M = round(rope_factor * trained_context) - ANSWER_ROOM if max_chunk_len is None else max_chunk_len
+    return HomerConfig(M, target_len, warmup_layers, reduction, seed)
+
+
+def surviving_context(cache: HomerCache) -> list[int]:
+    """Indices into the context of the context tokens held by HOMER's final cache."""
+    return [i for part, i in cache.slot_sources() if part == "context"]
+
+
+def digits_kept(cache: HomerCache, prompt: PasskeyPrompt) -> tuple[float, bool]:
+    """(fraction of the passkey's digit tokens in the final cache, whether one complete copy is there)."""
+    kept = set(surviving_context(cache)) & set(prompt.digit_slots)
+    return len(kept) / max(1, len(prompt.digit_slots)), any(set(c) <= kept for c in prompt.copies())
+
+
+def _copy_text(tok, prompt: PasskeyPrompt, copy: list[int], present, kept) -> str:
+    """One copy of the passkey as a node saw it: its digits where kept, '_' where removed, '.' where not present."""
+    out = []
+    for i in copy:
+        text = tok.decode([prompt.context[i]]).strip()
+        out.append(text if i in kept else ("_" if i in present else ".") * len(text))
+    return "".join(out)
+
+
+def explain_digits(tok, cache: HomerCache, prompt: PasskeyPrompt, answer: str) -> str:
+    """Which passkey digits each tree node held and kept (with the ranks of the removed ones), and the final cache:
+    where a HOMER sample lost the passkey, or that it kept a copy and misread it (`eval passkey --explain`)."""
+    P, C = len(prompt.prefix), len(prompt.context)
+    lines = []
+    for t in cache.nodes:  # execution order: a node's children come before it
+        sources = t.input_sources.tolist()
+        slot = {s - P: j for j, s in enumerate(sources) if P <= s < P + C}  # context index -> input slot
+        present = {i for i in prompt.digit_slots if i in slot}
+        if not present:
+            continue
+        kept = {sources[j] - P for j in t.kept.tolist()} & present
+        copies = [_copy_text(tok, prompt, c, present, kept) for c in prompt.copies()]
+        ranks = ""
+        if t.scores is not None and present - kept:
+            order = torch.argsort(t.scores, descending=True, stable=True).tolist()  # rank 0: the most significant
+            rank = {j: r for r, j in enumerate(order)}
+            lost = ",".join(str(rank[slot[i]]) for i in sorted(present - kept))
+            ranks = f"; removed at ranks {lost} of {len(sources)} (kept {len(t.kept)})"
+        lines.append(
+            f"    {t.name} layers {t.layers[0]}-{t.layers[1] - 1}: {' | '.join(copies)}"
+            f" ({len(kept)} of {len(present)} digit tokens kept{ranks})"
+        )
+    final = set(surviving_context(cache))
+    copies = [_copy_text(tok, prompt, c, set(prompt.digit_slots), final) for c in prompt.copies()]
+    lines.append(f"    final cache: {' | '.join(copies)}; answered {answer!r}")
+    return "\n".join(lines)
+
+
+def shipped_model(dtype: torch.dtype = torch.float32):
+    """(model, tokenizer) of the shipped passkey model (the commands' demos and the tutorials run on it)."""
+    from homer_ref.loading import load_model, load_tokenizer
+
+    if not (SHIPPED_MODEL / "config.json").is_file():
+        raise ValueError(f"the shipped model is missing ({SHIPPED_MODEL}); reinstall homer_ref or pass --model DIR")
+    return load_model(SHIPPED_MODEL, dtype=dtype), load_tokenizer(SHIPPED_MODEL)

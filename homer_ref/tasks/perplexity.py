@@ -16,17 +16,35 @@ targets are run. Perplexity is exp(mean NLL). Three ways to predict:
                   token `end` again, is not used).
 
 `sample_document` writes an in-domain text with the model itself, for a model that comes without one.
+`Segments.for_model` resolves the protocol's settings from the trained context (the defaults live there only).
 """
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from homer_ref.decoding import decode
+from homer_ref.decoding import all_logits, decode, prefill
 from homer_ref.homer import HomerConfig, continuation_logits, homer_prefill
 from homer_ref.llama import Llama
 from homer_ref.loading.weights import rope_scaled
+
+
+@dataclass(frozen=True)
+class Segments:
+    """The protocol's settings: M (HOMER's max chunk length), ev (tokens fed after each cache) and P = S."""
+
+    max_chunk_len: int
+    segment_len: int
+    affix_len: int
+
+    @classmethod
+    def for_model(cls, trained_context: int, max_chunk_len=None, segment_len=None, affix_len=None) -> "Segments":
+        """Defaults from the trained context, as the official protocol: M = trained / 2 (a cache of < M positions
+        plus a segment of ev = M tokens stays inside the trained context), ev = M, P = S = M / 32."""
+        M = max_chunk_len or trained_context // 2
+        return cls(M, segment_len or M, affix_len if affix_len is not None else max(1, M // 32))
 
 
 @torch.no_grad()
@@ -44,9 +62,9 @@ def sample_document(
     ids, story = [], 0
     trained = model.cfg.max_position_embeddings
     while len(ids) < n_tokens:
-        logits, cache = model.forward_cached(torch.tensor([[bos]], device=model.embed_tokens.weight.device))
+        logits, cache = prefill(model, torch.tensor([[bos]], device=model.embed_tokens.weight.device))
         wanted = min(trained, n_tokens - len(ids)) - 1  # new tokens after this story's BOS
-        new = decode(model, logits[0, -1], cache, 1, wanted, temperature=1.0, seed=seed * 100003 + story, stop_ids=stop)
+        new = decode(model, logits[0], cache, 1, wanted, temperature=1.0, seed=seed * 100003 + story, stop_ids=stop)
         ids += [bos] + [t for t in new if t not in stop]
         story += 1
         if report is not None:
@@ -55,7 +73,7 @@ def sample_document(
 
 
 def nll_of(logits: torch.Tensor, targets: list[int]) -> torch.Tensor:
-    """Per-token negative log-likelihood [T] (float64) of `targets` under logits [T, V]."""
+    """Per-token negative log-likelihood [n] (float64) of `targets` under logits [n, V]."""
     target = torch.tensor(targets, device=logits.device)
     return F.cross_entropy(logits.to(torch.float64), target, reduction="none")
 
@@ -69,7 +87,7 @@ class _Scores:
     def wants(self, first: int, last: int) -> bool:  # does any target in [first, last] count?
         return first < self.hi and last >= self.lo
 
-    def add(self, first_target: int, logits: torch.Tensor) -> None:  # logits [T, V]: row j predicts first_target + j
+    def add(self, first_target: int, logits: torch.Tensor) -> None:  # logits [n, V]: row j predicts first_target + j
         targets = range(first_target, min(first_target + logits.shape[0], len(self.ids)))
         wanted = [t for t in targets if self.lo <= t < self.hi]
         if wanted:
@@ -78,7 +96,7 @@ class _Scores:
 
 
 def _forward(model: Llama, ids: list[int]) -> torch.Tensor:
-    return model(torch.tensor([ids], device=model.embed_tokens.weight.device))[0]  # [T, V]: every row
+    return all_logits(model, torch.tensor([ids], device=model.embed_tokens.weight.device))[0]  # [n, V]: every row
 
 
 @torch.no_grad()

@@ -7,7 +7,7 @@ hidden states and the K/V of the layers it ran, at its end). Another implementat
 the same input, and
 
     report = compare_traces("fixtures/cases/four_leaves/trace.safetensors", "mine.safetensors")
-    print(report.first_divergence)   # e.g. "node (level 0, index 0), layer 1: kept slots differ at 2 of 15 ..."
+    print(report.first_divergence)   # e.g. "node 0.0, layer 1: kept slots differ at 2 of 15 ..."
 
 walks both in execution order — every node in the expected trace's `node_order` (its input, then the layers it
 ran, then its decision, then its output), then the final cache — and reports every difference, the first one
@@ -17,21 +17,30 @@ targets, positions, sources, kept/removed slots) must be equal; floats must sati
 part of the prompt, e.g. "slot 11 (context token 9, position 11)", and final-cache divergences by the node that
 computed the layer.
 
-`assert_traces_match` is the pytest form; `python -m homer_ref.compare` the command-line form (any language);
-`load_trace` reads a trace file (or a dict of tensors, a `HomerCache`, or the NumPy oracle's result);
-`decision_margin` says how close a trace's pruning decisions were to a tie. The message forms are listed in
+The parts: `read.py` (`load_trace` reads a trace file, a dict of tensors, a `HomerCache` or the NumPy oracle's
+result; `decision_margin` says how close a trace's pruning decisions were to a tie), `report.py` (Report,
+Divergence, how slots are named) and this comparer. `assert_traces_match` is the pytest form;
+`python -m homer_ref.compare` the command-line form (any language). The message forms are listed in
 docs/TRACE_FORMAT.md ("Comparing two traces"); tests/test_compare.py checks that every one is documented.
 """
 
 import json
-import math
-from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
+from homer_ref.testing.read import Trace, load_trace
+from homer_ref.testing.report import (
+    Divergence,
+    Report,
+    SlotNames,
+    abs_diff,
+    bad_floats,
+    fmt_float,
+    layer_span,
+    short_text,
+)
 from homer_ref.testing.trace import PLAN_KEYS, input_with_defaults
-from homer_ref.testing.validate import read_trace_file, shape_text, to_numpy, trace_problems
+from homer_ref.testing.validate import shape_text
 
 DEFAULT_ATOL = 1e-4  # float32 against float32 or float64, through a few layers of O(1) activations
 DEFAULT_RTOL = 1e-4
@@ -41,265 +50,6 @@ DEFAULT_RTOL = 1e-4
 # (every fixture decision wins by >= 1e-3 or is an exact tie).
 SCORE_ATOL_FLOOR = 1e-5
 SCORE_RTOL_FLOOR = 1e-6
-
-
-# ----------------------------------------------------------------------------------------------- reading
-
-
-@dataclass
-class Trace:
-    """A trace in memory: float tensors as float64, integer tensors as int64, metadata as strings."""
-
-    tensors: dict[str, np.ndarray]
-    metadata: dict[str, str] = field(default_factory=dict)
-    name: str = "trace"  # where it came from, for messages
-
-    @property
-    def num_layers(self) -> int:
-        return sum(1 for k in self.tensors if k.startswith("keys."))
-
-    @property
-    def nodes(self) -> list[tuple[int, int]]:
-        """(level, index) of every node, in execution order (empty when the trace has no node_order)."""
-        order = self.tensors.get("node_order")
-        return [] if order is None else [(int(a), int(b)) for a, b in order.reshape(-1, 2)]
-
-    @property
-    def recorded_nodes(self) -> list[tuple[int, int]]:
-        """(level, index) of every node that has tensors, whether or not node_order lists it."""
-        named = {tuple(int(x) for x in k.split(".")[1:3]) for k in self.tensors if k.startswith("node.")}
-        return self.nodes + sorted(named - set(self.nodes))
-
-    def node(self, level: int, index: int, what: str) -> np.ndarray | None:
-        return self.tensors.get(f"node.{level}.{index}.{what}")
-
-    def has_checkpoints(self, level: int, index: int) -> bool:
-        return self.node(level, index, "hidden") is not None
-
-    def affixes(self) -> tuple[int, int, int] | None:
-        """(P, C, S) from the input metadata, None when the trace has none."""
-        try:
-            data = json.loads(self.metadata["input"])
-            return len(data["prefix_ids"]), len(data["context_ids"]), len(data["suffix_ids"])
-        except (KeyError, TypeError, ValueError):
-            return None
-
-
-def _from_result(result) -> dict[str, np.ndarray]:
-    """The trace tensors of a `homer_ref.homer.HomerCache` or of the NumPy oracle's result dict."""
-    if not isinstance(result, dict):  # a HomerCache: the trace CLI's own conversion
-        from homer_ref.testing.trace import trace_tensors
-
-        return {k: to_numpy(v) for k, v in trace_tensors(result, result.logits.dtype).items()}
-    out = {
-        "positions": to_numpy(result["positions"]),
-        "logits": to_numpy(result["logits"]),
-        "last_position_id": np.array([int(result["last_position"])], dtype=np.int64),
-        "node_order": np.array([[n["level"], n["index"]] for n in result["nodes"]], dtype=np.int64).reshape(-1, 2),
-    }
-    for layer, (k, v) in enumerate(zip(result["keys"], result["values"])):
-        out[f"keys.{layer}"], out[f"values.{layer}"] = to_numpy(k), to_numpy(v)
-    for n in result["nodes"]:
-        name = f"node.{n['level']}.{n['index']}"
-        out[f"{name}.layers"] = np.array(n["layers"], dtype=np.int64)
-        out[f"{name}.target"] = np.array([n["target"]], dtype=np.int64)
-        for what in ("input_positions", "kept", "removed"):
-            out[f"{name}.{what}"] = to_numpy(n[what])
-        if n.get("scores") is not None:
-            out[f"{name}.scores"] = to_numpy(n["scores"]).astype(np.float32).astype(np.float64)
-        if n.get("hidden") is not None:  # checkpoints: {layer: [Hkv, kept, Dh]} per layer run
-            out[f"{name}.hidden"] = to_numpy(n["hidden"])
-            for kind in ("keys", "values"):
-                out.update({f"{name}.{kind}.{layer}": to_numpy(t) for layer, t in n[kind].items()})
-    return out
-
-
-def load_trace(source, name: str = "trace") -> Trace:
-    """A `Trace` from a .safetensors path, a `Trace`, a dict of tensors/arrays (trace names), a dict in the NumPy
-    oracle's result layout (positions, keys, values, logits, last_position, nodes; a node's optional checkpoints
-    are `hidden` and `keys`/`values`: {layer: array}), or a `HomerCache`.
-
-    Raises ValueError, naming the problem, for a missing or unreadable file, one that is not a trace, or one the
-    comparison could not rely on (`validate.trace_problems`, its fatal problems).
-    """
-    if isinstance(source, Trace):
-        return source
-    metadata: dict[str, str] = {}
-    dtypes = None
-    if isinstance(source, (str, Path)):
-        tensors, metadata, dtypes = read_trace_file(Path(source))
-        name = str(source)  # a file is named by its path
-    elif isinstance(source, dict) and "nodes" in source and "keys" in source:
-        tensors = _from_result(source)
-    elif isinstance(source, dict):
-        tensors = {k: to_numpy(v) for k, v in source.items()}
-    elif hasattr(source, "keys") and hasattr(source, "nodes"):
-        tensors = _from_result(source)
-    else:
-        raise ValueError(f"cannot read a trace from {type(source).__name__}; pass a .safetensors path or a dict")
-    fatal = [p for p in trace_problems(tensors, metadata, dtypes) if p.fatal]
-    if fatal:
-        raise ValueError(f"{name}: not a valid HOMER trace (docs/TRACE_FORMAT.md): {fatal[0].message}")
-    return Trace(tensors, metadata, name)
-
-
-def decision_gaps(trace) -> dict[tuple[int, int], float]:
-    """For every node that removed slots, (level, index) -> its lowest kept score minus its highest removed score.
-
-    Affix scores (+inf) are left out. 0 is an exact tie at the cut, decided by the (score, index) rule.
-    """
-    trace = load_trace(trace)
-    gaps = {}
-    for level, index in trace.nodes:
-        scores = trace.node(level, index, "scores")
-        removed = trace.node(level, index, "removed")
-        if scores is None or removed is None or removed.size == 0:
-            continue
-        kept = np.setdiff1d(np.arange(scores.size), removed)
-        kept_scores = scores[kept][np.isfinite(scores[kept])]
-        if kept_scores.size:
-            gaps[(level, index)] = float(kept_scores.min() - scores[removed].max())
-    return gaps
-
-
-def decision_margin(trace) -> float:
-    """The smallest of `decision_gaps`: far above float32 rounding (~1e-6), another correct implementation makes
-    the same decisions; 0 means an exact tie decided by the (score, index) rule; +inf when no node pruned."""
-    return min(decision_gaps(trace).values(), default=math.inf)
-
-
-# ----------------------------------------------------------------------------------------------- report
-
-
-@dataclass(frozen=True)
-class Divergence:
-    where: str  # "node (level 1, index 0), layer 5", "final cache, layer 3", "logits", "metadata 'input'", ...
-    what: str  # one sentence: what differs, the first differing element, expected vs got
-
-    def __str__(self) -> str:
-        return f"{self.where}: {self.what}"
-
-
-@dataclass
-class Report:
-    """The outcome of `compare_traces`: every divergence, in execution order."""
-
-    expected: str
-    actual: str
-    atol: float
-    rtol: float
-    divergences: list[Divergence] = field(default_factory=list)
-    summary: str = ""  # what was compared: nodes, layers, slots
-
-    @property
-    def ok(self) -> bool:
-        return not self.divergences
-
-    @property
-    def first_divergence(self) -> str | None:
-        """The first divergence in execution order, as one line; None when the traces match."""
-        return str(self.divergences[0]) if self.divergences else None
-
-    def to_dict(self) -> dict:
-        return {
-            "ok": self.ok,
-            "expected": self.expected,
-            "actual": self.actual,
-            "atol": self.atol,
-            "rtol": self.rtol,
-            "compared": self.summary,
-            "first_divergence": self.first_divergence,
-            "divergences": [{"where": d.where, "what": d.what} for d in self.divergences],
-        }
-
-    def format(self, limit: int | None = 20) -> str:
-        head = f"expected: {self.expected}\nactual:   {self.actual}\n"
-        tol = f"atol {self.atol:g}, rtol {self.rtol:g}"
-        if self.ok:
-            return head + f"traces match ({self.summary}; {tol})"
-        lines = [head + f"traces DIVERGE: {len(self.divergences)} divergence(s) ({self.summary}; {tol})"]
-        lines.append(f"first divergence: {self.first_divergence}")
-        lines.append("all, in execution order:")
-        shown = self.divergences if limit is None else self.divergences[:limit]
-        lines += [f"  {i + 1}. {d}" for i, d in enumerate(shown)]
-        if len(shown) < len(self.divergences):
-            lines.append(f"  ... and {len(self.divergences) - len(shown)} more")
-        return "\n".join(lines)
-
-    def __str__(self) -> str:
-        return self.format()
-
-
-# ----------------------------------------------------------------------------------------------- comparing
-
-
-def _fmt(x: float) -> str:
-    return f"{x:.4f}" if math.isfinite(x) and abs(x) < 1e4 else f"{x:.4g}"
-
-
-def _span(layers: np.ndarray) -> str:
-    first, last = int(layers[0]), int(layers[1])
-    return f"{first}-{last - 1}" if last > first else f"none ([{first}, {last}))"
-
-
-def _short(value) -> str:
-    if value is None:
-        return "absent"
-    text = json.dumps(value.tolist() if isinstance(value, np.ndarray) else value)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
-def _bad_floats(expected: np.ndarray, actual: np.ndarray, atol: float, rtol: float) -> np.ndarray:
-    """Boolean mask of elements outside tolerance; infinities must match exactly, NaN never passes."""
-    with np.errstate(invalid="ignore"):  # inf - inf
-        close = np.isfinite(expected) & (np.abs(actual - expected) <= atol + rtol * np.abs(expected))
-    same_inf = np.isinf(expected) & (expected == actual)
-    return ~(close | same_inf)
-
-
-def _abs_diff(expected: np.ndarray, actual: np.ndarray) -> np.ndarray:
-    """|actual - expected|, with NaN (including inf - inf of unequal infinities) counted as +inf."""
-    with np.errstate(invalid="ignore"):
-        diff = np.abs(actual - expected)
-    diff[(expected == actual)] = 0.0  # equal infinities
-    return np.where(np.isnan(diff), np.inf, diff)
-
-
-class _Slots:
-    """Names the slots of one list (a node's input, or the final cache) by their part of the prompt:
-    "slot 11 (context token 9, position 11)". From the expected trace: its positions, its sources when it has
-    them (else the part only, from the slot's place: the first P slots are the prefix, the last S the suffix)."""
-
-    def __init__(self, positions: np.ndarray, sources: np.ndarray | None, affixes: tuple[int, int, int] | None):
-        self.positions, self.sources, self.affixes = positions, sources, affixes
-
-    def part(self, slot: int) -> str | None:
-        """'context token 9' (or 'context' when the sources are unknown); None without the input metadata."""
-        if self.affixes is None:
-            return None
-        P, C, S = self.affixes
-        if self.sources is not None:
-            s = int(self.sources[slot])
-            return (
-                f"prefix token {s}" if s < P else f"context token {s - P}" if s < P + C else f"suffix token {s - P - C}"
-            )
-        n = self.positions.size
-        return f"prefix token {slot}" if slot < P else f"suffix token {slot - n + S}" if slot >= n - S else "context"
-
-    def name(self, slot: int, position: bool = True) -> str:
-        """'slot 11 (context token 9, position 11)'; without the position when `position` is False."""
-        details = [self.part(slot)] + ([f"position {int(self.positions[slot])}"] if position else [])
-        details = [d for d in details if d]
-        return f"slot {slot} ({', '.join(details)})" if details else f"slot {slot}"
-
-    def counts(self) -> str:
-        """'2 prefix + 12 context + 2 suffix' (empty without the input metadata)."""
-        if self.affixes is None:
-            return ""
-        P, C, S = self.affixes
-        if self.sources is not None:
-            P, S = int((self.sources < P).sum()), int((self.sources >= P + C).sum())
-        return f"{P} prefix + {self.positions.size - P - S} context + {S} suffix"
 
 
 class _Comparer:
@@ -335,7 +85,7 @@ class _Comparer:
                 e, a = {k: e.get(k) for k in PLAN_KEYS}, {k: a.get(k) for k in PLAN_KEYS}
             diff = [k for k in sorted(e.keys() | a.keys()) if e.get(k) != a.get(k)]
             if diff:
-                detail = f"{diff[0]} expected {_short(e.get(diff[0]))}, got {_short(a.get(diff[0]))}"
+                detail = f"{diff[0]} expected {short_text(e.get(diff[0]))}, got {short_text(a.get(diff[0]))}"
                 self.add(f"metadata '{key}'", f"the traces come from different {key}s: {detail}")
 
     # --- nodes, in the expected trace's execution order
@@ -361,13 +111,13 @@ class _Comparer:
             self.node(level, index, set(actual_nodes))
         for level, index in actual_nodes:
             if (level, index) not in set(expected_nodes):
-                self.add(f"node (level {level}, index {index})", "in the actual trace but not in the expected one")
+                self.add(f"node {level}.{index}", "in the actual trace but not in the expected one")
 
     def node(self, level: int, index: int, actual_nodes: set) -> None:
         """One node: its input, the K/V of the layers it ran, its decision, its output (stops at the first)."""
         e = lambda what: self.e.node(level, index, what)
         a = lambda what: self.a.node(level, index, what)
-        where = f"node (level {level}, index {index})"
+        where = f"node {level}.{index}"
         if (level, index) not in actual_nodes:
             self.add(where, "missing from the actual trace")
             return
@@ -377,13 +127,13 @@ class _Comparer:
                 return
         layers = e("layers")
         if not np.array_equal(layers, a("layers")):
-            self.add(where, f"ran layers {_span(a('layers'))}, expected {_span(layers)}")
+            self.add(where, f"ran layers {layer_span(a('layers'))}, expected {layer_span(layers)}")
             return
         first, last = int(layers[0]), int(layers[1])
         if int(e("target")[0]) != int(a("target")[0]):
             self.add(where, f"target expected {int(e('target')[0])}, got {int(a('target')[0])}")
             return
-        slots = _Slots(e("input_positions"), e("input_sources"), self.e.affixes())
+        slots = SlotNames(e("input_positions"), e("input_sources"), self.e.affixes())
         if not self.inputs(where, slots, e, a):
             return
         both = self.e.has_checkpoints(level, index) and self.a.has_checkpoints(level, index)
@@ -399,13 +149,13 @@ class _Comparer:
         if both:  # its output: after the MLP of its last layer
             self.checkpoint(where_layer, level, index, "hidden", "output hidden states", slots)
 
-    def inputs(self, where: str, slots: _Slots, e, a) -> bool:
+    def inputs(self, where: str, slots: SlotNames, e, a) -> bool:
         """The node's input slots: count, positions, sources (when both traces have them). True when equal."""
         pos_e, pos_a = e("input_positions"), a("input_positions")
         if pos_e.shape != pos_a.shape:
             src_a = a("input_sources")  # the actual's parts, when it names them
             ours = (
-                _Slots(pos_a, src_a, self.e.affixes()).counts()
+                SlotNames(pos_a, src_a, self.e.affixes()).counts()
                 if src_a is not None and src_a.size == pos_a.size
                 else ""
             )
@@ -426,7 +176,7 @@ class _Comparer:
         if src_e is not None and src_a is not None and not np.array_equal(src_e, src_a):
             bad = np.flatnonzero(src_e != src_a)
             i = int(bad[0])
-            theirs = _Slots(pos_a, src_a, self.e.affixes()).part(i) or f"source {int(src_a[i])}"
+            theirs = SlotNames(pos_a, src_a, self.e.affixes()).part(i) or f"source {int(src_a[i])}"
             self.add(
                 where,
                 f"input sources differ at {bad.size} of {src_e.size} slots; first: {slots.name(i)}, got {theirs}",
@@ -434,7 +184,7 @@ class _Comparer:
             return False
         return True
 
-    def checkpoint(self, where: str, level: int, index: int, name: str, what: str, slots: _Slots) -> bool:
+    def checkpoint(self, where: str, level: int, index: int, name: str, what: str, slots: SlotNames) -> bool:
         """A node's checkpoint tensor (hidden [kept, D], keys/values [Hkv, kept, Dh]) on the slots both traces
         keep, compared through their input slot indices. True when it matches."""
         exp, act = self.e.node(level, index, name), self.a.node(level, index, name)
@@ -459,7 +209,7 @@ class _Comparer:
         note = "" if np.array_equal(kept_e, kept_a) else f" (on the {common.size} slots both traces keep)"
         return self.tensor(where, what, exp, act, lambda s: slots.name(int(common[s])), note)
 
-    def decision(self, where: str, slots: _Slots, e, a) -> bool:
+    def decision(self, where: str, slots: SlotNames, e, a) -> bool:
         """Kept slots, removed slots, scores at the reduction layer. True when they agree."""
         kept_e, kept_a, scores_e, scores_a = e("kept"), a("kept"), e("scores"), a("scores")
         n = slots.positions.size
@@ -470,12 +220,13 @@ class _Comparer:
             only_e = np.setdiff1d(kept_e, kept_a)  # kept by the expected implementation only
             only_a = np.setdiff1d(kept_a, kept_e)
             if not only_e.size or not only_a.size:  # the same slots, but out of order or repeated
-                self.add(where, f"kept slots {_short(kept_a)}, expected {_short(kept_e)} (ascending, each once)")
+                expected = short_text(kept_e)
+                self.add(where, f"kept slots {short_text(kept_a)}, expected {expected} (ascending, each once)")
                 return False
             i, j = int(only_e[0]), int(only_a[0])
 
             def score(scores, slot):
-                return "-" if scores is None or slot >= scores.size else _fmt(float(scores[slot]))
+                return "-" if scores is None or slot >= scores.size else fmt_float(float(scores[slot]))
 
             self.add(
                 where,
@@ -485,7 +236,7 @@ class _Comparer:
             )
             return False
         if not np.array_equal(e("removed"), a("removed")):
-            self.add(where, f"removed slots {_short(a('removed'))}, expected {_short(e('removed'))}")
+            self.add(where, f"removed slots {short_text(a('removed'))}, expected {short_text(e('removed'))}")
             return False
         if scores_e is None and scores_a is not None:
             target = int(e("target")[0])
@@ -503,14 +254,14 @@ class _Comparer:
             return False
         if scores_e is None:
             return True
-        bad = _bad_floats(scores_e, scores_a, max(self.atol, SCORE_ATOL_FLOOR), max(self.rtol, SCORE_RTOL_FLOOR))
+        bad = bad_floats(scores_e, scores_a, max(self.atol, SCORE_ATOL_FLOOR), max(self.rtol, SCORE_RTOL_FLOOR))
         if bad.any():
-            diff = np.where(bad, _abs_diff(scores_e, scores_a), 0.0)
+            diff = np.where(bad, abs_diff(scores_e, scores_a), 0.0)
             w = int(diff.argmax())
             self.add(
                 where,
                 f"scores differ at {int(bad.sum())} of {bad.size} slots; largest at {slots.name(w)}: expected "
-                f"{_fmt(scores_e[w])}, got {_fmt(scores_a[w])}",
+                f"{fmt_float(scores_e[w])}, got {fmt_float(scores_a[w])}",
             )
             return False
         return True
@@ -518,7 +269,7 @@ class _Comparer:
     # --- the final cache
     def final(self) -> None:
         pos_e, pos_a = self.e.tensors["positions"], self.a.tensors["positions"]
-        slots = _Slots(pos_e, self.e.tensors.get("sources"), self.e.affixes())
+        slots = SlotNames(pos_e, self.e.tensors.get("sources"), self.e.affixes())
         if pos_e.shape != pos_a.shape:
             self.add("final cache", f"holds {pos_a.size} slots, expected {pos_e.size}")
             return
@@ -534,7 +285,7 @@ class _Comparer:
         if src_e is not None and src_a is not None and not np.array_equal(src_e, src_a):
             bad = np.flatnonzero(src_e != src_a)
             i = int(bad[0])
-            theirs = _Slots(pos_a, src_a, self.e.affixes()).part(i) or f"source {int(src_a[i])}"
+            theirs = SlotNames(pos_a, src_a, self.e.affixes()).part(i) or f"source {int(src_a[i])}"
             self.add(
                 "final cache",
                 f"sources differ at {bad.size} of {src_e.size} slots; first: {slots.name(i)}, got {theirs}",
@@ -557,13 +308,13 @@ class _Comparer:
                     )
                 else:
                     self.tensor(where, kind, exp, act, slots.name, by=lambda s, layer=layer: self.computed_by(layer, s))
-        root = f"; from the output of the root, node (level {self.e.nodes[-1][0]}, index 0)" if self.e.nodes else ""
+        root = f"; from the output of the root, node {self.e.nodes[-1][0]}.0" if self.e.nodes else ""
         self.tensor(
             "logits", "logits", self.e.tensors["logits"], self.a.tensors["logits"], slots.name, by=lambda s: root
         )
 
     def first_pruner(self, layer: int) -> str:
-        """Who should have removed slots from layer `layer`: '; node (level l, index i) is the first to remove slots
+        """Who should have removed slots from layer `layer`: '; node l.i is the first to remove slots
         from this layer by propagative refinement (it prunes at layer r)' for the first node of the expected trace
         that prunes above the layer (r > layer), else the first that prunes at it; '' when no node prunes it."""
         pruners = []
@@ -576,11 +327,11 @@ class _Comparer:
             return ""
         _, level, index, r = (above or pruners)[0]
         how = " by propagative refinement" if above else ""
-        node = f"node (level {level}, index {index})"
+        node = f"node {level}.{index}"
         return f"; {node} is the first to remove slots from this layer{how} (it prunes at layer {r})"
 
     def computed_by(self, layer: int, slot: int) -> str:
-        """'; layer 2 of slot 5 was computed by node (level 1, index 0)': the node of the expected trace that ran
+        """'; layer 2 of slot 5 was computed by node 1.0': the node of the expected trace that ran
         this layer for the slot's token (for an affix slot, every node of that level: the merges average them)."""
         level = next((lv for lv, i in self.e.nodes if layer in range(*self.e.node(lv, i, "layers"))), None)
         sources = self.e.tensors.get("sources")
@@ -594,7 +345,7 @@ class _Comparer:
         for lv, i in self.e.nodes:
             inputs = self.e.node(lv, i, "input_sources")
             if lv == level and inputs is not None and source in inputs:
-                return f"; layer {layer} of slot {slot} was computed by node (level {lv}, index {i})"
+                return f"; layer {layer} of slot {slot} was computed by node {lv}.{i}"
         return ""
 
     def tensor(self, where, what, expected, actual, name_slot, note: str = "", by=None) -> bool:
@@ -604,10 +355,10 @@ class _Comparer:
         if expected.shape != actual.shape:
             self.add(where, f"{what} have shape {shape_text(actual)}, expected {shape_text(expected)}")
             return False
-        bad = _bad_floats(expected, actual, self.atol, self.rtol)
+        bad = bad_floats(expected, actual, self.atol, self.rtol)
         if not bad.any():
             return True
-        diff = _abs_diff(expected, actual)
+        diff = abs_diff(expected, actual)
         worst = np.unravel_index(int(diff.argmax()), diff.shape)
         first = tuple(int(i) for i in np.argwhere(bad)[0])
 
@@ -620,7 +371,7 @@ class _Comparer:
         self.add(
             where,
             f"{what} differ at {int(bad.sum())} of {bad.size} elements{note}; first at {at(first)}; max |Δ| "
-            f"{diff[worst]:.3g} at {at(worst)}: expected {_fmt(expected[worst])}, got {_fmt(actual[worst])}"
+            f"{diff[worst]:.3g} at {at(worst)}: expected {fmt_float(expected[worst])}, got {fmt_float(actual[worst])}"
             + (by(slot) if by else ""),
         )
         return False

@@ -28,7 +28,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from homer_ref.testing.compare import Report, compare_traces, load_trace
+from homer_ref.testing.compare import compare_traces
+from homer_ref.testing.read import load_trace
+from homer_ref.testing.report import Report
 
 PLACEHOLDERS = ("model", "input", "bias", "out")
 REQUIRED_PLACEHOLDERS = ("model", "input", "out")  # without them a command cannot run a case
