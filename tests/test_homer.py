@@ -20,7 +20,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from helpers import assert_close, make_hf_llama
+from helpers import assert_close, assert_same_as_oracle, make_hf_llama
 from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
@@ -196,26 +196,6 @@ def run_both(pool, c, traversal="depth_first"):
         seed=c["seed"],
     )
     return ours, ref
-
-
-def assert_same_as_oracle(ours, ref, what=""):
-    assert ours.positions.tolist() == ref["positions"].tolist(), what
-    assert ours.last_position == ref["last_position"], what
-    got = [(t.level, t.index) for t in ours.nodes]
-    assert got == [(n["level"], n["index"]) for n in ref["nodes"]], f"{what}: execution order"
-    for t, n in zip(ours.nodes, ref["nodes"]):
-        node = f"{what} node {(t.level, t.index)}"
-        assert tuple(t.layers) == tuple(n["layers"]) and t.target == n["target"], node
-        assert t.input_positions.tolist() == n["input_positions"].tolist(), f"{node}: input positions"
-        assert t.kept.tolist() == n["kept"].tolist(), f"{node}: kept slots"
-        assert t.removed.tolist() == n["removed"].tolist(), f"{node}: removed slots"
-        assert (t.scores is None) == (n["scores"] is None), f"{node}: scores recorded"
-        if t.scores is not None:  # both float32 from float64 logits: equal up to the last bit or two
-            np.testing.assert_allclose(t.scores.numpy(), n["scores"], rtol=1e-6, atol=1e-6, err_msg=node)
-    for layer, (k, v) in enumerate(zip(ours.keys, ours.values)):
-        assert_close(k, ref["keys"][layer], "oracle_float64", f"{what} keys.{layer}")
-        assert_close(v, ref["values"][layer], "oracle_float64", f"{what} values.{layer}")
-    assert_close(ours.logits, ref["logits"], "oracle_float64", f"{what} logits")
 
 
 @given(case=tree_cases())

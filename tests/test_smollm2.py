@@ -6,6 +6,7 @@ weights, q/k permutation, the byte-level BPE tokenizer, the chat template), `tok
 model's known answer to a question. The model is loaded once per module (135M parameters in float32: ~540 MB).
 """
 
+import copy
 import json
 import re
 
@@ -259,3 +260,33 @@ def test_calibrate_trace_and_eval_accept_the_gguf(smollm2, loaded_once, tmp_path
     assert eval_main(argv) == 0
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [r["mode"] for r in rows] == ["plain", "homer"] and all(1 < r["perplexity"] < 1000 for r in rows)
+
+
+def test_homer_matches_the_numpy_oracle_on_smollm2(smollm2):
+    """HOMER on the real model, four leaves over an 800-token passkey prompt (GQA 9/3, 30 layers, W = 11: leaves
+    run layers 0-17), calibrated with a smooth distance table: homer_ref in float64 keeps the same slots at every
+    node as the float64 NumPy oracle (reference/, written from the spec alone) on the same dequantized weights,
+    and the final cache and logits agree to float64 rounding."""
+    from helpers import assert_same_as_oracle
+
+    from homer_ref.homer import HomerConfig, homer_prefill
+    from homer_ref.loading import hf_config_dict
+    from reference import homer_np
+
+    _, model, tok = smollm2
+    model64 = copy.deepcopy(model).double()
+    config = hf_config_dict(model.cfg)
+    state = model64.state_dict()
+    weights = {hf: state[ours].numpy() for ours, hf in checkpoint_names(model.cfg).items()}
+    (prompt,) = passkey.passkey_prompts(tok, 800, 1, seed=0, instruction=True)
+    M, L = 220, model.cfg.num_hidden_layers
+    distance = torch.arange(M, dtype=torch.float64)
+    bias = (2.0 / (1 + distance / 8) + 0.01 * torch.arange(L, dtype=torch.float64)[:, None]).float()  # [L, M]
+    ours = homer_prefill(model64, prompt.prefix, prompt.context, prompt.suffix, HomerConfig(M), bias=bias,
+                         all_logits=True)  # fmt: skip
+    p = ours.plan
+    assert (p.N, p.W, p.root.layers, p.nodes[(0, 0)].layers) == (4, 11, (24, 30), (0, 18))
+    assert sum(len(t.removed) for t in ours.nodes) > 300, "the nodes really prune"
+    ref = homer_np.homer_prefill(config, weights, prompt.prefix, prompt.context, prompt.suffix, M, M, p.W,
+                                 bias=bias.numpy(), reduction="calibrated")  # fmt: skip
+    assert_same_as_oracle(ours, ref, "SmolLM2, 4 leaves")

