@@ -216,7 +216,7 @@ def rewrite_config(model_dir: Path, **changes) -> None:
 
 def llama2c_to_hf_dir(bin_path: Path, out_dir: Path) -> None:
     """Convert a llama2.c legacy .bin to an HF directory, written from the format notes in the data's README only
-    (not from homer_ref/loading.py), so that the oracle can check homer_ref's llama2.c loader.
+    (not from homer_ref/loading/), so that the oracle can check homer_ref's llama2.c loader.
 
     Config in the older spelling (top-level `rope_theta`, no rope_scaling), float32 safetensors.
     """
@@ -296,11 +296,23 @@ class BadInput:
 _STORIES_FLOATS_BEFORE_WQ = 512 * 64 + 5 * 64  # token embedding [V, D], attention RMSNorm [L, D]
 
 
-def build_bad_inputs(root: Path, good_dir: Path, stories_dir: Path | None) -> dict[str, BadInput]:
-    """Malformed copies of the good tiny HF checkpoint `good_dir` (and of stories260K when available) under `root`.
+BAD_INPUTS = (  # the cases of `build_bad_inputs`: each raises through the API and exits 2 through `generate`
+    "directory without config.json",
+    "safetensors missing a tensor",
+    "mis-shaped tensor",
+    "num_key_value_heads not dividing num_attention_heads",
+    "unknown rope type (rope_parameters)",
+    "unknown rope type (rope_scaling)",
+    "tokenizer path that does not exist",
+    "--max-new-tokens -1",
+    "truncated llama2.c .bin",
+    "tokenizer of another vocabulary",  # a command-line case only (the API takes no tokenizer with a model)
+)
 
-    Cases that need stories260K are left out when `stories_dir` is None.
-    """
+
+def build_bad_inputs(root: Path, good_dir: Path) -> dict[str, BadInput]:
+    """Malformed copies of the good tiny HF checkpoint `good_dir` and of the vendored stories260K under `root`,
+    one per name of BAD_INPUTS."""
     import shutil
 
     from safetensors.torch import load_file, save_file
@@ -308,7 +320,7 @@ def build_bad_inputs(root: Path, good_dir: Path, stories_dir: Path | None) -> di
     from homer_ref import CheckpointError, load_model, load_tokenizer
     from homer_ref.decoding import generate_plain
 
-    tokenizer = stories_dir / "tok512.model" if stories_dir else root / "unused.model"
+    tokenizer = STORIES_DIR / "tok512.model"
     ids = root / "ids.json"  # the models have no tokenizer: token ids in, token ids out
     ids.write_text("[1, 2]")
 
@@ -367,14 +379,14 @@ def build_bad_inputs(root: Path, good_dir: Path, stories_dir: Path | None) -> di
         ("must be >= 0, got -1",),
     )
 
-    if stories_dir is not None:
-        cut = 28 + 4 * _STORIES_FLOATS_BEFORE_WQ + 100  # 25 floats into wq
-        truncated = root / "truncated.bin"
-        truncated.write_bytes((stories_dir / "stories260K.bin").read_bytes()[:cut])
-        cases["truncated llama2.c .bin"] = model_case(truncated, "truncated", "q_proj")
-        cases["tokenizer of another vocabulary"] = BadInput(
-            ["--model", str(good_dir), "--tokenizer", str(tokenizer)], None, ValueError, ("512", "61")
-        )
+    cut = 28 + 4 * _STORIES_FLOATS_BEFORE_WQ + 100  # 25 floats into wq
+    truncated = root / "truncated.bin"
+    truncated.write_bytes((STORIES_DIR / "stories260K.bin").read_bytes()[:cut])
+    cases["truncated llama2.c .bin"] = model_case(truncated, "truncated", "q_proj")
+    cases["tokenizer of another vocabulary"] = BadInput(
+        ["--model", str(good_dir), "--tokenizer", str(tokenizer)], None, ValueError, ("512", "61")
+    )
+    assert tuple(cases) == BAD_INPUTS, sorted(cases)
     return cases
 
 
@@ -573,3 +585,28 @@ def assert_same_as_oracle(ours, ref, what=""):
         assert_close(k, ref["keys"][layer], "oracle_float64", f"{what} keys.{layer}")
         assert_close(v, ref["values"][layer], "oracle_float64", f"{what} values.{layer}")
     assert_close(ours.logits, ref["logits"], "oracle_float64", f"{what} logits")
+
+
+def tiny_llama(L=4, V=32, D=16, Hq=4, Hkv=2, Dh=None, seed=0, dtype=torch.float64):
+    """A random homer_ref Llama with O(1) weights (unit-variance projections, RMSNorm gains in [0.5, 1.5))."""
+    from homer_ref.llama import Llama, LlamaConfig
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=V,
+        hidden_size=D,
+        intermediate_size=2 * D,
+        num_hidden_layers=L,
+        num_attention_heads=Hq,
+        num_key_value_heads=Hkv,
+        head_dim=Dh or D // Hq,
+        rope_theta=100.0,  # a small base: positions 0..20 turn every frequency pair noticeably
+    )
+    model = Llama(cfg).to(dtype)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.copy_(torch.rand_like(p) + 0.5)
+            else:
+                p.copy_(torch.randn_like(p) / math.sqrt(p.shape[1]))
+    return model.eval()

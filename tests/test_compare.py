@@ -195,8 +195,7 @@ def test_input_sources_differ(expected):
     sources[4] = 47  # a suffix token where a context token belongs
     report = compare_traces(expected, changed(expected, node__0__2__input_sources=sources))
     assert report.first_divergence == (
-        f"node 0.2: input sources differ at 1 of 15 slots; first: {slot(expected, 4, 0, 2)}, "
-        "got suffix token 1"
+        f"node 0.2: input sources differ at 1 of 15 slots; first: {slot(expected, 4, 0, 2)}, got suffix token 1"
     )
 
 

@@ -119,7 +119,8 @@ def ctx(tmp_path_factory):
 
 # name: (argv with {placeholders} from ctx, exit code, fragments of the error line)
 GENERATE = {
-    "model path that does not exist": (["--model", "{root}/absent", "--prompt", "a"], 2, ("absent", "no such file")),
+    "model path that does not exist": (["--model", "{root}/absent", "--prompt", "a"], 2,
+                                       ("absent", "no such file", "an HF model directory, a .gguf file")),
     "model with a NaN weight": (["--model", "{nan_model}"], 2, ("model.layers.3.mlp.up_proj.weight", "NaN/Inf")),
     "truncated safetensors": (["--model", "{cut_model}"], 2, ("model.safetensors", "not a readable safetensors")),
     "pickled checkpoint": (["--model", "{pickle}"], 2, ("pickled PyTorch checkpoint",)),

@@ -1,4 +1,4 @@
-"""`python -m homer_ref.eval` (homer_ref/eval.py) on tiny random models: the output is well-formed, the protocols
+"""`python -m homer_ref.eval` (homer_ref/cli/eval.py) on tiny random models: the output is well-formed, the protocols
 score what they claim, and the helpers agree with the library.
 
 - passkey and perplexity print one JSON object per line with task, mode, length, trained_context and the metric,

@@ -8,6 +8,7 @@
   error) on stderr, never a traceback. The same cases through the API are in test_loading.py.
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -15,12 +16,13 @@ import sys
 import numpy as np
 import pytest
 import torch
-from helpers import ROOT, STORIES_DIR, build_bad_inputs, make_hf_llama
+from helpers import BAD_INPUTS, ROOT, build_bad_inputs, make_hf_llama
 
 from homer_ref import load_model, load_tokenizer
 from homer_ref.decoding import generate_plain, sample_next
 
 CLI = [sys.executable, "-m", "homer_ref.generate"]
+STORIES = ROOT / "homer_ref" / "data" / "stories260K"  # llama2.c's .bin and tok512.model, one folder
 
 
 def cli_env() -> dict[str, str]:
@@ -129,35 +131,19 @@ def test_sample_next_stays_in_the_nucleus():
 
 # ----------------------------------------------------------------------------------------------- bad input
 
-CLI_CASES = [
-    "directory without config.json",
-    "safetensors missing a tensor",
-    "mis-shaped tensor",
-    "num_key_value_heads not dividing num_attention_heads",
-    "unknown rope type (rope_parameters)",
-    "unknown rope type (rope_scaling)",
-    "tokenizer path that does not exist",
-    "--max-new-tokens -1",
-    "truncated llama2.c .bin",
-    "tokenizer of another vocabulary",
-]
-
 
 @pytest.fixture(scope="module")
 def bad_cli_runs(tmp_path_factory):
     """Every bad-input case of helpers.build_bad_inputs run through the CLI, all at once."""
     root = tmp_path_factory.mktemp("bad-cli")
     make_hf_llama(root / "good", num_attention_heads=4, num_key_value_heads=2, head_dim=6)
-    stories = STORIES_DIR if (STORIES_DIR / "stories260K.bin").is_file() else None
-    cases = build_bad_inputs(root, root / "good", stories)
+    cases = build_bad_inputs(root, root / "good")
     return cases, run_cli_batch({name: case.argv for name, case in cases.items()})
 
 
-@pytest.mark.parametrize("name", CLI_CASES)
+@pytest.mark.parametrize("name", BAD_INPUTS)
 def test_bad_input_cli_one_line_error(bad_cli_runs, name):
     cases, runs = bad_cli_runs
-    if name not in runs:
-        pytest.skip(f"needs stories260K in {STORIES_DIR}")
     result = runs[name]
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     report = f"{name}: exit {result.returncode}, stderr:\n{result.stderr}"
@@ -171,3 +157,31 @@ def test_bad_input_cli_one_line_error(bad_cli_runs, name):
         assert len(lines) == 1 and lines[0].startswith("error: "), report
     for fragment in cases[name].names:
         assert fragment in lines[-1], f"{fragment!r} not named; {report}"
+
+
+# ----------------------------------------------------------------------------------------------- as --help says
+
+
+def test_the_commands_do_what_their_help_says(tmp_path):
+    """`--prompt` without `--model` runs the shipped model (its help says it is the default); `--prefix-ids` and
+    `--suffix-ids` take a JSON list inline as well as a file; a model folder holding one llama2.c .bin (and its
+    tokenizer) is that model; `bench --quick` names the command it ran."""
+    (tmp_path / "context.json").write_text("[10, 11, 12]")
+    runs = run_cli_batch({
+        "shipped": ["--prompt", "What is the pass key ?", "--max-new-tokens", "3", "--mode", "plain"],
+        "inline ids": ["--model", str(ROOT / "homer_ref" / "data" / "passkey_model"), "--prompt-ids",
+                       str(tmp_path / "context.json"), "--prefix-ids", "[1]", "--suffix-ids", "[20, 21]",
+                       "--print-ids", "--max-new-tokens", "2", "--mode", "homer", "--reduction", "uncalibrated"],
+        "folder": ["--model", str(STORIES), "--max-new-tokens", "200", "--temperature", "0"],
+    })  # fmt: skip
+    for name, run in runs.items():
+        assert run.returncode == 0, f"{name}: {run.stderr}"
+    assert "model " + str(ROOT / "homer_ref" / "data" / "passkey_model") in runs["shipped"].stderr
+    assert "HOMER plan: L=8 W=3 M=128 T=128 P=1 C=3 S=2 (uncalibrated)" in runs["inline ids"].stderr
+    assert len(json.loads(runs["inline ids"].stdout)) == 2
+    assert runs["folder"].stdout == (STORIES / "expected_greedy_200.txt").read_text(encoding="utf-8")
+    env = cli_env()
+    quick = subprocess.run([sys.executable, "-m", "homer_ref.bench", "--quick", "--markdown"], cwd=ROOT, env=env,
+                           capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert quick.returncode == 0, quick.stderr
+    assert "Command: `python -m homer_ref.bench --quick --markdown`" in quick.stdout

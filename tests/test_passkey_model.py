@@ -1,4 +1,4 @@
-"""The passkey task (homer_ref/passkey.py) and the shipped model (homer_ref/data/passkey_model).
+"""The passkey task (homer_ref/tasks/passkey.py) and the shipped model (homer_ref/data/passkey_model).
 
 - The task's generator is pure and seeded, gives prompts of exactly the requested length, puts the passkey at
   the requested depth, and counts tokens the way the shipped tokenizer does.

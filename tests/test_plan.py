@@ -1,4 +1,4 @@
-"""HOMER's plan (homer_ref/plan.py) against the numbers HOMER_SPEC.md writes down, and the N.2.6 errors.
+"""HOMER's plan (homer_ref/homer/plan.py) against the numbers HOMER_SPEC.md writes down, and the N.2.6 errors.
 
 Every expected value here is a literal copied from the spec (the section is cited next to it) or follows from
 a formula of the spec computed in the test itself; none is read back from homer_ref.
@@ -14,40 +14,16 @@ E = M-P-S, N0, H, N leaves, e context tokens per leaf, lpc layers per level, lo 
 R = P + E//2 + S. Model dims: V D Hq Hkv Dh.
 """
 
-import math
 import re
 
 import pytest
 import torch
+from helpers import tiny_llama
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from homer_ref.homer import homer_prefill
 from homer_ref.homer.plan import HomerConfig, default_warmup_layers, plan
-from homer_ref.llama import Llama, LlamaConfig
-
-
-def tiny_llama(L=4, V=32, D=16, Hq=4, Hkv=2, seed=0, dtype=torch.float64) -> Llama:
-    """A random homer_ref Llama with O(1) weights (unit-variance projections, RMSNorm gains in [0.5, 1.5))."""
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=V,
-        hidden_size=D,
-        intermediate_size=2 * D,
-        num_hidden_layers=L,
-        num_attention_heads=Hq,
-        num_key_value_heads=Hkv,
-        head_dim=D // Hq,
-        rope_theta=100.0,
-    )
-    model = Llama(cfg).to(dtype)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 1:
-                p.copy_(torch.rand_like(p) + 0.5)
-            else:
-                p.copy_(torch.randn_like(p) / math.sqrt(p.shape[1]))
-    return model.eval()
 
 
 def node_table(p) -> list[tuple]:

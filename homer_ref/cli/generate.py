@@ -42,7 +42,7 @@ from homer_ref.cli.common import (
 )
 from homer_ref.decoding import check_ids, generate_plain, greedy_batch
 from homer_ref.homer import HomerCache, homer_generate, homer_prefill, plan
-from homer_ref.homer.plan import REDUCTIONS, HomerConfig, Plan, generation_config
+from homer_ref.homer.plan import DIAGNOSTIC_REDUCTIONS, REDUCTIONS, HomerConfig, Plan, generation_config
 from homer_ref.homer.prefill import plan_work
 from homer_ref.homer.traversal import plain_kv
 from homer_ref.llama import Llama
@@ -84,7 +84,13 @@ def add_homer_options(p: argparse.ArgumentParser) -> argparse._ArgumentGroup:
         type=int,
         help="W, layers only the leaves run (default: 12 of every 32 as the official scripts; fewer if the tree needs)",
     )
-    h.add_argument("--reduction", choices=REDUCTIONS, default="calibrated", help="token reduction mode")
+    h.add_argument(
+        "--reduction",
+        choices=REDUCTIONS + DIAGNOSTIC_REDUCTIONS,
+        default="calibrated",
+        help="token reduction mode (default calibrated; none is a diagnostic, not HOMER: nothing pruned, the chunks "
+        "only merged)",
+    )
     h.add_argument(
         "--bias",
         type=Path,
