@@ -11,24 +11,24 @@ Implements HOMER_SPEC.md sections
 - N.1 faithful by default; surviving slots keep their sequence order.
 - N.2.1 the traversal is a plain depth-first recursion here (the oracle has no memory goals; the order of
   execution, recorded in ``nodes``, is the DFS post-order all the same).
-- N.2.2 GQA: query head h scores against KV head h // (H / Hkv); the max runs over all query heads.
+- N.2.2 GQA: query head h scores against KV head h // (Hq / Hkv); the max runs over all query heads.
 - N.2.3 deterministic ties: remove by (score ascending, slot index ascending); the score is float32 (the
   float64 head-max logit cast to float32, minus float32(bias) in float32 arithmetic).
-- N.2.4 reduction modes "calibrated" (bias [L, R], R >= M), "uncalibrated" (zero bias), "random" (seeded
+- N.2.4 reduction modes "calibrated" (bias [L, width], width >= M), "uncalibrated" (zero bias), "random" (seeded
   splitmix64 uniforms, see ``random_score``).
 - N.2.6 ValueError, naming the constraint and a fix, for: S = 0, M <= P+S, T < P+S, W >= L, too few layers
   for the tree, an empty or negative last leaf, a bad bias table, ids outside the vocabulary.
   C = 0 is not an error: one leaf, the plain forward of prefix + suffix.
 
 Symbol legend (shared with the torch code and the tests):
-    B T D H Hkv Dh   batch (always 1: one prompt per call), tokens, hidden, query heads, KV heads, head dim
-                     (query heads are written Hq below where H would clash with the tree height)
+    B n D Hq Hkv Dh  batch (always 1: one prompt per call), tokens (of the node being processed), hidden,
+                     query heads, KV heads, head dim
     L W M T          layers, warm-up layers, max chunk length (with affixes), target cache length
     P C S            prefix / context / suffix lengths
     E = M - P - S    most context tokens one chunk can hold
     N, H             number of leaves (a power of two), tree height (N = 2**H)
     e                context tokens per leaf, ceil(C / N)
-    n, K             tokens in the node being processed, slots in the final cache
+    K                slots in the final cache
     R                default child target P + E//2 + S (D.4)
 
 Each node is a plain dict of arrays (a "chunk"): h [n, D], pos [n] int64, is_context [n] bool (False = prefix or
@@ -320,13 +320,13 @@ def homer_prefill(
     if reduction == "calibrated":
         if bias is None:
             raise ValueError(
-                'reduction="calibrated" needs a bias table [L, R] with R >= M; pass bias= or choose '
+                'reduction="calibrated" needs a bias table [L, width] with width >= M; pass bias= or choose '
                 'reduction="uncalibrated" or "random"'
             )
         bias = np.asarray(bias, dtype=np.float32)
         if bias.ndim != 2 or bias.shape[0] != L or bias.shape[1] < M:
             raise ValueError(
-                f"bias table has shape {tuple(bias.shape)}; it must be [L, R] = [{L}, >= {M}] (one row "
+                f"bias table has shape {tuple(bias.shape)}; it must be [L, width] = [{L}, >= {M}] (one row "
                 f"per layer, one entry per distance 0..M-1); recalibrate with this model and max_chunk_len"
             )
 

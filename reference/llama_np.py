@@ -8,14 +8,14 @@ HOMER itself (sections B-F, N) lives in ``homer_np.py``, built on the per-layer 
 
 Symbol legend (the same letters as the torch code, the tests and the tutorials):
     B   batch (always 1 here: one prompt at a time, so it never appears)
-    T   tokens in the call (sequence length)
+    n   tokens in the call (sequence length)
     D   hidden size
-    H   query heads (``num_attention_heads``; Hq where HOMER's tree height H is also around)
-    Hkv key/value heads (``num_key_value_heads``); query head h uses KV head h // (H // Hkv)
-    Dh  head dimension (``head_dim`` or D // H)
+    Hq  query heads (``num_attention_heads``)
+    Hkv key/value heads (``num_key_value_heads``); query head h uses KV head h // (Hq // Hkv)
+    Dh  head dimension (``head_dim`` or D // Hq)
     V   vocabulary size
     F   MLP width (``intermediate_size``)
-    HOMER's P C S E N H e do not appear in this file (see homer_np.py).
+    HOMER's P C S T E N H e do not appear in this file (see homer_np.py): T is HOMER's target, H its tree height.
 
 Numerical conventions, stated once:
 - RMSNorm: x / sqrt(mean(x**2) + eps) * w, eps = ``rms_norm_eps``.
@@ -204,12 +204,12 @@ def _llama3_inv_freq(p: dict, base: float, dh: int) -> np.ndarray:
 
 
 def rope_cos_sin(config: dict, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """cos, sin [T, Dh] for integer positions [T], scaled by the rope attention factor."""
+    """cos, sin [n, Dh] for integer positions [n], scaled by the rope attention factor."""
     positions = np.asarray(positions, dtype=np.int64)
     seq_len = int(positions.max()) + 1 if positions.size else 0
     inv_freq, scaling = rope_inv_freq(config, seq_len)  # [Dh/2]
-    angles = positions.astype(np.float64)[:, None] * inv_freq[None, :]  # [T, Dh/2]
-    angles = np.concatenate([angles, angles], axis=-1)  # [T, Dh]  half-split layout
+    angles = positions.astype(np.float64)[:, None] * inv_freq[None, :]  # [n, Dh/2]
+    angles = np.concatenate([angles, angles], axis=-1)  # [n, Dh]  half-split layout
     return np.cos(angles) * scaling, np.sin(angles) * scaling
 
 
@@ -221,7 +221,7 @@ def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
 
 
 def rmsnorm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
-    """x [T, D] -> x / sqrt(mean(x^2) + eps) * w."""
+    """x [n, D] -> x / sqrt(mean(x^2) + eps) * w."""
     return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * w
 
 
@@ -230,7 +230,7 @@ def silu(x: np.ndarray) -> np.ndarray:
 
 
 def _linear(weights: dict, name: str, x: np.ndarray) -> np.ndarray:
-    """x [T, in] @ W.T with HF's [out, in] weights, plus the bias if the checkpoint has one."""
+    """x [n, in] @ W.T with HF's [out, in] weights, plus the bias if the checkpoint has one."""
     y = x @ weights[name + ".weight"].T
     bias = weights.get(name + ".bias")
     return y if bias is None else y + bias
@@ -241,7 +241,7 @@ def _eps(config: dict) -> float:
 
 
 def embed(config: dict, weights: dict, tokens) -> np.ndarray:
-    """Token ids [T] -> hidden states [T, D]."""
+    """Token ids [n] -> hidden states [n, D]."""
     tokens = np.asarray(tokens, dtype=np.int64)
     table = weights["model.embed_tokens.weight"]  # [V, D]
     if tokens.size and not (0 <= tokens.min() and tokens.max() < table.shape[0]):
@@ -253,19 +253,19 @@ def embed(config: dict, weights: dict, tokens) -> np.ndarray:
 def attention_layer(config: dict, weights: dict, layer: int, h: np.ndarray, positions):
     """One attention sub-block with its residual.
 
-    h [T, D], positions [T] -> (h + attn(rmsnorm(h)) [T, D], k [Hkv, T, Dh] after RoPE, v [Hkv, T, Dh],
-    last_logits [H, T] = scaled pre-softmax logits of the LAST query against every key, RoPE applied).
+    h [n, D], positions [n] -> (h + attn(rmsnorm(h)) [n, D], k [Hkv, n, Dh] after RoPE, v [Hkv, n, Dh],
+    last_logits [Hq, n] = scaled pre-softmax logits of the LAST query against every key, RoPE applied).
     """
     pre = f"model.layers.{layer}."
     n_heads, n_kv, dh = config["num_attention_heads"], config.get("num_key_value_heads"), head_dim(config)
     n_kv = n_kv or n_heads
     group = n_heads // n_kv  # query heads per KV head
     t = h.shape[0]
-    x = rmsnorm(h, weights[pre + "input_layernorm.weight"], _eps(config))  # [T, D]
-    q = _linear(weights, pre + "self_attn.q_proj", x).reshape(t, n_heads, dh).transpose(1, 0, 2)  # [H, T, Dh]
-    k = _linear(weights, pre + "self_attn.k_proj", x).reshape(t, n_kv, dh).transpose(1, 0, 2)  # [Hkv, T, Dh]
-    v = _linear(weights, pre + "self_attn.v_proj", x).reshape(t, n_kv, dh).transpose(1, 0, 2)  # [Hkv, T, Dh]
-    cos, sin = rope_cos_sin(config, positions)  # [T, Dh]
+    x = rmsnorm(h, weights[pre + "input_layernorm.weight"], _eps(config))  # [n, D]
+    q = _linear(weights, pre + "self_attn.q_proj", x).reshape(t, n_heads, dh).transpose(1, 0, 2)  # [Hq, n, Dh]
+    k = _linear(weights, pre + "self_attn.k_proj", x).reshape(t, n_kv, dh).transpose(1, 0, 2)  # [Hkv, n, Dh]
+    v = _linear(weights, pre + "self_attn.v_proj", x).reshape(t, n_kv, dh).transpose(1, 0, 2)  # [Hkv, n, Dh]
+    cos, sin = rope_cos_sin(config, positions)  # [n, Dh]
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
     causal = np.tril(np.ones((t, t), dtype=bool))  # by sequence index, never by position
@@ -273,24 +273,24 @@ def attention_layer(config: dict, weights: dict, layer: int, h: np.ndarray, posi
     last_logits = np.empty((n_heads, t))
     for head in range(n_heads):
         kv = head // group
-        logits = q[head] @ k[kv].T / math.sqrt(dh)  # [T, T]  (query, key)
+        logits = q[head] @ k[kv].T / math.sqrt(dh)  # [n, n]  (query, key)
         last_logits[head] = logits[-1]  # the last query sees every key
         logits = np.where(causal, logits, -np.inf)
         probs = np.exp(logits - logits.max(axis=-1, keepdims=True))
         probs /= probs.sum(axis=-1, keepdims=True)
-        out[:, head] = probs @ v[kv]  # [T, Dh]
-    attn = _linear(weights, pre + "self_attn.o_proj", out.reshape(t, n_heads * dh))  # [T, D]
+        out[:, head] = probs @ v[kv]  # [n, Dh]
+    attn = _linear(weights, pre + "self_attn.o_proj", out.reshape(t, n_heads * dh))  # [n, D]
     return h + attn, k, v, last_logits
 
 
 def mlp_layer(config: dict, weights: dict, layer: int, h: np.ndarray) -> np.ndarray:
-    """h [T, D] -> h + down(silu(gate(x)) * up(x)), x = rmsnorm(h)."""
+    """h [n, D] -> h + down(silu(gate(x)) * up(x)), x = rmsnorm(h)."""
     pre = f"model.layers.{layer}."
     if config.get("hidden_act", "silu") != "silu":
         raise ValueError(f"hidden_act {config.get('hidden_act')!r} is not supported; Llama uses 'silu'")
     x = rmsnorm(h, weights[pre + "post_attention_layernorm.weight"], _eps(config))
-    gate = _linear(weights, pre + "mlp.gate_proj", x)  # [T, F]
-    up = _linear(weights, pre + "mlp.up_proj", x)  # [T, F]
+    gate = _linear(weights, pre + "mlp.gate_proj", x)  # [n, F]
+    up = _linear(weights, pre + "mlp.up_proj", x)  # [n, F]
     return h + _linear(weights, pre + "mlp.down_proj", silu(gate) * up)
 
 
@@ -304,17 +304,17 @@ def lm_head_weight(config: dict, weights: dict) -> np.ndarray:
 
 
 def final_logits(config: dict, weights: dict, h: np.ndarray) -> np.ndarray:
-    """h [T, D] -> logits [T, V] (final RMSNorm, then lm_head)."""
+    """h [n, D] -> logits [n, V] (final RMSNorm, then lm_head)."""
     return rmsnorm(h, weights["model.norm.weight"], _eps(config)) @ lm_head_weight(config, weights).T
 
 
 def forward_cache(config: dict, weights: dict, tokens, positions=None):
-    """Plain forward: (logits [T, V], keys, values); keys/values: L arrays [Hkv, T, Dh], keys after RoPE."""
+    """Plain forward: (logits [n, V], keys, values); keys/values: L arrays [Hkv, n, Dh], keys after RoPE."""
     tokens = list(tokens)
     positions = np.arange(len(tokens)) if positions is None else np.asarray(positions, dtype=np.int64)
     if positions.shape != (len(tokens),):
         raise ValueError(f"positions need one entry per token: {positions.shape} for {len(tokens)} tokens")
-    h = embed(config, weights, tokens)  # [T, D]
+    h = embed(config, weights, tokens)  # [n, D]
     keys, values = [], []
     for layer in range(config["num_hidden_layers"]):
         h, k, v, _ = attention_layer(config, weights, layer, h, positions)
@@ -325,5 +325,5 @@ def forward_cache(config: dict, weights: dict, tokens, positions=None):
 
 
 def forward(config: dict, weights: dict, tokens: list[int], positions: list[int] | None = None) -> np.ndarray:
-    """Logits [T, V] float64; positions default to 0..T-1; attention causal by sequence index."""
+    """Logits [n, V] float64; positions default to 0..n-1; attention causal by sequence index."""
     return forward_cache(config, weights, tokens, positions)[0]

@@ -138,8 +138,8 @@ def encode_sample(tok, rng: random.Random, n_tokens: int):
 
 
 def make_batch(tok, rng: random.Random, batch: int, n_tokens: int, pad_id: int):
-    """tokens [B, T], loss weights [B, T-1] (0 on padding), last-prompt index [B], digit ids [B, 5],
-    context mask [B, T] (True on the context: the tokens HOMER may prune), needle mask [B, T] (True on the
+    """tokens [B, n], loss weights [B, n-1] (0 on padding), last-prompt index [B], digit ids [B, 5],
+    context mask [B, n] (True on the context: the tokens HOMER may prune), needle mask [B, n] (True on the
     passkey sentence).
 
     Every prompt of a batch targets the same length (they differ by less than one sentence: little padding).
@@ -179,15 +179,15 @@ def model_config() -> LlamaConfig:
 
 
 def digit_mask(tokens: torch.Tensor, context: torch.Tensor, digit_ids: torch.Tensor) -> torch.Tensor:
-    """[B, T] bool: the context's digit tokens, i.e. the passkey's two copies (the filler has no digits)."""
+    """[B, n] bool: the context's digit tokens, i.e. the passkey's two copies (the filler has no digits)."""
     return context & (tokens[..., None] == digit_ids).any(-1)
 
 
 def last_query_logits(model: Llama, layer: int, h: torch.Tensor, k: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
-    """[B, T]: max over heads of the last prompt token's scaled pre-softmax logits against every key (RoPE
+    """[B, n]: max over heads of the last prompt token's scaled pre-softmax logits against every key (RoPE
     applied), the quantity HOMER ranks tokens by (uncalibrated; `homer_ref.reduction.significance`).
 
-    h [B, T, D] is the layer's input and k [B, Hkv, T, Dh] the keys `Llama.attend` computed from it; only the
+    h [B, n, D] is the layer's input and k [B, Hkv, n, Dh] the keys `Llama.attend` computed from it; only the
     query of the last prompt token (not the sequence's last token: the answer follows) is computed here."""
     cfg, blk = model.cfg, model.layers[layer]
     B, T, _ = h.shape
@@ -196,13 +196,13 @@ def last_query_logits(model: Llama, layer: int, h: torch.Tensor, k: torch.Tensor
     q = blk.self_attn.q_proj(x).view(B, Hq, 1, Dh)  # [B, Hq, 1, Dh]
     cos, sin = rope_cos_sin(cfg, last, q.dtype)  # [B, Dh]
     q = apply_rope(q, cos[:, None, None], sin[:, None, None])
-    k = k.repeat_interleave(Hq // Hkv, dim=1)  # [B, Hq, T, Dh]
-    return ((k @ q.transpose(-1, -2)).squeeze(-1) / math.sqrt(Dh)).amax(dim=1)  # [B, T]
+    k = k.repeat_interleave(Hq // Hkv, dim=1)  # [B, Hq, n, Dh]
+    return ((k @ q.transpose(-1, -2)).squeeze(-1) / math.sqrt(Dh)).amax(dim=1)  # [B, n]
 
 
 def forward_with_taps(model: Llama, tokens: torch.Tensor, last: torch.Tensor):
-    """Final normed hidden states [B, T, D]; per layer what attention added at the last prompt token [B, D] and
-    that token's head-max attention logits [B, T]."""
+    """Final normed hidden states [B, n, D]; per layer what attention added at the last prompt token [B, D] and
+    that token's head-max attention logits [B, n]."""
     positions = torch.arange(tokens.shape[1])
     rows = torch.arange(tokens.shape[0])
     h = model.embed_tokens(tokens)
@@ -220,9 +220,9 @@ def losses(
 ) -> dict[str, torch.Tensor]:
     tokens, valid, last, digits, context, needle = batch
     B = tokens.shape[0]
-    hn, taps, scores = forward_with_taps(model, tokens, last)  # [B, T, D], L x [B, D], L x [B, T]
-    logits = model.lm_head(hn[:, :-1])  # [B, T-1, V]
-    nll = F.cross_entropy(logits.transpose(1, 2), tokens[:, 1:], reduction="none")  # [B, T-1]
+    hn, taps, scores = forward_with_taps(model, tokens, last)  # [B, n, D], L x [B, D], L x [B, n]
+    logits = model.lm_head(hn[:, :-1])  # [B, n-1, V]
+    nll = F.cross_entropy(logits.transpose(1, 2), tokens[:, 1:], reduction="none")  # [B, n-1]
     lm = (nll * valid).sum() / valid.sum()
     # The answer: "▁" then 5 digits, predicted from positions last+1 .. last+5.
     rows = torch.arange(B)[:, None]
@@ -240,10 +240,10 @@ def losses(
     # target tokens first among the context tokens: cross-entropy of a softmax over the context, averaged over
     # the targets. Target "digits": the passkey's 10 digit tokens (both copies; shipped); "sentence": the whole
     # passkey sentence. It shapes the plain model's attention only; no HOMER state.
-    wanted = needle if select_target == "sentence" else digit_mask(tokens, context, digit_ids)  # [B, T]
+    wanted = needle if select_target == "sentence" else digit_mask(tokens, context, digit_ids)  # [B, n]
     select = 0.0
     for score in scores:
-        logp = torch.log_softmax(score.masked_fill(~context, float("-inf")), dim=-1)  # [B, T]
+        logp = torch.log_softmax(score.masked_fill(~context, float("-inf")), dim=-1)  # [B, n]
         select = select - (logp.masked_fill(~wanted, 0.0).sum(-1) / wanted.sum(-1)).mean()
     select = select / len(scores)
     exact = (logits[rows, answer_pos].argmax(-1) == tokens[rows, answer_pos + 1]).all(-1).float().mean()

@@ -5,7 +5,7 @@ Goldens come only from sources independent of homer_ref: the float64 NumPy oracl
 HF `transformers` (`LlamaForCausalLM`, built here from tiny random configs: nothing is downloaded), and
 llama2.c's expected greedy text for stories260K.
 
-Dimension legend (as in homer_ref): B T D V Hq Hkv Dh; L layers; F MLP width.
+Dimension legend (as in homer_ref): B n D V Hq Hkv Dh (n tokens); L layers; F MLP width.
 """
 
 import copy
@@ -177,7 +177,7 @@ def make_hf_llama(out_dir: Path, *, seed: int = 0, save_dtype=None, max_shard_si
 
 
 def hf_logits(model, tokens: list[int], positions: list[int] | None = None) -> np.ndarray:
-    """HF logits [T, V] (float64 copy) for one sequence, position ids given explicitly when not None.
+    """HF logits [n, V] (float64 copy) for one sequence, position ids given explicitly when not None.
 
     The explicit all-ones attention mask matters: without one, transformers 5 reads position ids that do not
     step by 1 as *packed sequences* and masks attention between them; we want one causal sequence.
@@ -193,7 +193,7 @@ def hf_logits(model, tokens: list[int], positions: list[int] | None = None) -> n
 
 
 def our_logits(model, tokens: list[int], positions: list[int] | None = None) -> np.ndarray:
-    """homer_ref logits [T, V] (float64 copy) for one sequence."""
+    """homer_ref logits [n, V] (float64 copy) for one sequence."""
     with torch.no_grad():
         logits = model(torch.tensor([tokens]), None if positions is None else torch.tensor(positions))
     return to_numpy(logits[0])

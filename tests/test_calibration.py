@@ -25,7 +25,7 @@ def oracle_bias(config: dict, weights: dict, windows: list[list[int]]) -> np.nda
         h = llama_np.embed(config, weights, window)
         for layer in range(L):
             h, _, _, last_logits = llama_np.attention_layer(config, weights, layer, h, list(range(R)))
-            head_max = last_logits.max(axis=0)  # [R] by slot
+            head_max = last_logits.max(axis=0)  # [n] by slot
             for slot in range(R):
                 total[layer, R - 1 - slot] += head_max[slot]  # distance from the last token
             h = llama_np.mlp_layer(config, weights, layer, h)

@@ -374,7 +374,7 @@ PREFILL = {
     "unknown traversal": (dict(traversal="breadth"), ValueError, ("traversal must be one of", "'breadth'")),
     "bias a list": (dict(bias=[[0.0] * 8] * L), ValueError, ("bias table must be a float tensor",)),
     "bias of integers": (dict(bias=torch.zeros(L, 8, dtype=torch.int64)), ValueError, ("float tensor",)),
-    "bias 1-D": (dict(bias=torch.zeros(8)), ValueError, ("[num_layers, R]",)),
+    "bias 1-D": (dict(bias=torch.zeros(8)), ValueError, ("[num_layers, width]",)),
     "bias with +Inf": (dict(bias=torch.zeros(L, 8).index_fill(1, torch.tensor([2]), float("inf"))), ValueError,
                        ("NaN or Inf", "recalibrate")),
 }  # fmt: skip
@@ -472,7 +472,7 @@ BIAS_FILES = {
     "a JSON file": (lambda r: MHA / "config.json", ("config.json", "not a readable safetensors file")),
     "no 'bias' tensor": (lambda r: _safetensors(r / "nb.st", {"scale": torch.zeros(L, 8)}),
                          ("no tensor named 'bias'", "found scale")),
-    "bias 1-D": (lambda r: _safetensors(r / "b1.st", {"bias": torch.zeros(8)}), ("float32 [8]", "[num_layers, R]")),
+    "bias 1-D": (lambda r: _safetensors(r / "b1.st", {"bias": torch.zeros(8)}), ("float32 [8]", "[num_layers, width]")),
     "bias of integers": (lambda r: _safetensors(r / "bi.st", {"bias": torch.zeros(L, 8, dtype=torch.int32)}),
                          ("int32 [6, 8]", "python -m homer_ref.calibrate")),
 }  # fmt: skip

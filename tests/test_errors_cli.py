@@ -144,7 +144,7 @@ GENERATE = {
     "bias file that does not exist": (["--mode", "homer", "--bias", "{root}/absent.safetensors"], 2,
                                       ("absent.safetensors", "not a readable safetensors file")),
     "bias of another layer count": (["--mode", "homer", "--bias", "{bias5}"], 2, ("5 layers but the model has 6",)),
-    "bias 1-D": (["--mode", "homer", "--bias", "{bias1d}"], 2, ("float32 [32]", "[num_layers, R]")),
+    "bias 1-D": (["--mode", "homer", "--bias", "{bias1d}"], 2, ("float32 [32]", "[num_layers, width]")),
     "warm-up layers >= L in HOMER mode": (["--mode", "homer", "--warmup-layers", "6"], 2, ("warmup_layers W=6",)),
     "plain request too large for memory": (["--max-new-tokens", str(10**12)], 1, ("MemoryError", "plain inference")),
     "HOMER request too large for memory": (["--mode", "homer", "--max-new-tokens", str(10**12)], 1,

@@ -440,32 +440,32 @@ def test_memory_grows_logarithmically_depth_first_and_linearly_level_order():
 
 
 def np_continue(config, weights, keys, values, first_position, tokens) -> np.ndarray:
-    """Logits [T, V] of `tokens` fed after a compact cache (keys/values: L x [Hkv, K, Dh]) at positions
+    """Logits [n, V] of `tokens` fed after a compact cache (keys/values: L x [Hkv, K, Dh]) at positions
     first_position + t; each new token sees the whole cache and the new tokens up to itself. NumPy, float64."""
     Hq = config["num_attention_heads"]
     Hkv = config.get("num_key_value_heads") or Hq
-    Dh, eps, T = llama_np.head_dim(config), config.get("rms_norm_eps", 1e-6), len(tokens)
-    h = llama_np.embed(config, weights, tokens)  # [T, D]
-    cos, sin = llama_np.rope_cos_sin(config, first_position + np.arange(T))
+    Dh, eps, n = llama_np.head_dim(config), config.get("rms_norm_eps", 1e-6), len(tokens)
+    h = llama_np.embed(config, weights, tokens)  # [n, D]
+    cos, sin = llama_np.rope_cos_sin(config, first_position + np.arange(n))
     for layer in range(config["num_hidden_layers"]):
         pre = f"model.layers.{layer}."
         x = llama_np.rmsnorm(h, weights[pre + "input_layernorm.weight"], eps)
         q, k, v = (
-            (x @ weights[pre + f"self_attn.{name}_proj.weight"].T).reshape(T, heads, Dh).transpose(1, 0, 2)
+            (x @ weights[pre + f"self_attn.{name}_proj.weight"].T).reshape(n, heads, Dh).transpose(1, 0, 2)
             for name, heads in (("q", Hq), ("k", Hkv), ("v", Hkv))
-        )  # [heads, T, Dh]
+        )  # [heads, n, Dh]
         q, k = llama_np.apply_rope(q, cos, sin), llama_np.apply_rope(k, cos, sin)
-        k_all = np.concatenate([keys[layer], k], axis=1)  # [Hkv, K+T, Dh]
+        k_all = np.concatenate([keys[layer], k], axis=1)  # [Hkv, K+n, Dh]
         v_all = np.concatenate([values[layer], v], axis=1)
         K = keys[layer].shape[1]
-        visible = np.arange(K + T)[None, :] <= K + np.arange(T)[:, None]  # [T, K+T]
-        out = np.empty((T, Hq, Dh))
+        visible = np.arange(K + n)[None, :] <= K + np.arange(n)[:, None]  # [n, K+n]
+        out = np.empty((n, Hq, Dh))
         for head in range(Hq):
             g = head // (Hq // Hkv)
             a = np.where(visible, q[head] @ k_all[g].T / math.sqrt(Dh), -np.inf)
             a = np.exp(a - a.max(axis=-1, keepdims=True))
             out[:, head] = (a / a.sum(axis=-1, keepdims=True)) @ v_all[g]
-        h = h + out.reshape(T, Hq * Dh) @ weights[pre + "self_attn.o_proj.weight"].T
+        h = h + out.reshape(n, Hq * Dh) @ weights[pre + "self_attn.o_proj.weight"].T
         h = llama_np.mlp_layer(config, weights, layer, h)
     return llama_np.final_logits(config, weights, h)
 

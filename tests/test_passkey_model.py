@@ -142,7 +142,7 @@ def test_training_selection_score_is_homers_significance():
     with torch.no_grad():
         for layer in range(2):
             keys = model.attend(layer, h, torch.arange(tokens.shape[1]))[1]
-            score = script.last_query_logits(model, layer, h, keys, last)  # [B, T]
+            score = script.last_query_logits(model, layer, h, keys, last)  # [B, n]
             for b in range(3):
                 n = int(last[b]) + 1
                 expected = model.attend(layer, h[b : b + 1, :n], torch.arange(n), last_query=True)[3][0].amax(0)

@@ -7,7 +7,7 @@
   variants, the trivial case N.3 (equal to the plain forward, bit for bit), the published SplitMix64
   reference outputs, hand-computed selection rules (N.2.3), and each ValueError of N.2.6.
 
-Symbol legend: B T D H Hkv Dh (batch, tokens, hidden, query heads, KV heads, head dim); L W M T (layers,
+Symbol legend: B n D Hq Hkv Dh (batch, tokens, hidden, query heads, KV heads, head dim); L W M T (layers,
 warm-up, max chunk length, target length); P C S E N H e (prefix, context, suffix, E = M-P-S, leaves,
 tree height, context tokens per leaf).
 """
@@ -152,7 +152,7 @@ def hf_run(model, tokens, positions):
             k, v = cache.layers[layer].keys, cache.layers[layer].values
         else:
             k, v = cache[layer]
-        kv.append((k[0].numpy(), v[0].numpy()))  # [Hkv, T, Dh]
+        kv.append((k[0].numpy(), v[0].numpy()))  # [Hkv, n, Dh]
     return out.logits[0].numpy(), kv
 
 
@@ -463,12 +463,12 @@ def test_leaf_scores_match_hf_last_query_logits():
         pos = torch.arange(8)[None]
         with torch.no_grad():
             model(input_ids=torch.tensor([ids]), position_ids=pos)
-            q = captured["q"].view(1, 8, 4, 4).transpose(1, 2)  # [B, H, T, Dh]
-            k = captured["k"].view(1, 8, 2, 4).transpose(1, 2)  # [B, Hkv, T, Dh]
+            q = captured["q"].view(1, 8, 4, 4).transpose(1, 2)  # [B, Hq, n, Dh]
+            k = captured["k"].view(1, 8, 2, 4).transpose(1, 2)  # [B, Hkv, n, Dh]
             cos, sin = model.model.rotary_emb(q, pos)
             q, k = hf.apply_rotary_pos_emb(q, k, cos, sin)
             k = hf.repeat_kv(k, 2)  # query head h uses KV head h // 2
-            logits = (q[0, :, -1:] @ k[0].transpose(1, 2))[:, 0] / math.sqrt(4)  # [H, T]
+            logits = (q[0, :, -1:] @ k[0].transpose(1, 2))[:, 0] / math.sqrt(4)  # [Hq, n]
         want = logits.max(dim=0).values.numpy().astype(np.float32)
         want = want - bias[layer][7 - np.arange(8)].astype(np.float32)
         want[[0, 7]] = np.inf

@@ -31,7 +31,7 @@ cfg = model.cfg
 print(f"L={cfg.num_hidden_layers} D={cfg.hidden_size} Hq={cfg.num_attention_heads} Hkv={cfg.num_key_value_heads} "
       f"Dh={cfg.head_dim} V={cfg.vocab_size}, trained context {cfg.max_position_embeddings}")  # fmt: skip
 ids = tok.encode("Once upon a time, there was a little girl named Lily. She loved to play with her")
-x, positions = torch.tensor([ids]), torch.arange(len(ids))  # [1, T], [T]: position ids 0..T-1
+x, positions = torch.tensor([ids]), torch.arange(len(ids))  # [1, n], [n]: position ids 0..n-1
 print(f"{len(ids)} tokens:", "|".join(tok.token_texts(ids)))
 
 # %% [markdown]
@@ -74,14 +74,14 @@ print(f"  distance 5 instead:              q·k = {rotated_dot(8, 3):+.12f}")
 h = model.embed_tokens(x)  # [1, T, D]
 steps, keys, last_logits = {"embedding": h}, [], []
 for layer in range(cfg.num_hidden_layers):
-    h, k, v, ll = model.attend(layer, h, positions, last_query=True)  # k, v [1, Hkv, T, Dh]; ll [1, Hq, T]
+    h, k, v, ll = model.attend(layer, h, positions, last_query=True)  # k, v [1, Hkv, n, Dh]; ll [1, Hq, n]
     steps[f"layer {layer} attention"] = h
     h = model.feed_forward(layer, h)
     steps[f"layer {layer} MLP"] = h
     keys.append(k)
     last_logits.append(ll)
 logits = model.logits(h)  # final RMSNorm + output head: [1, T, V]
-print(f"per layer: k, v {tuple(k.shape)} [1, Hkv, T, Dh]; last_logits {tuple(ll.shape)} [1, Hq, T]")
+print(f"per layer: k, v {tuple(k.shape)} [1, Hkv, n, Dh]; last_logits {tuple(ll.shape)} [1, Hq, n]")
 top = torch.topk(torch.softmax(logits[0, -1], -1), 3)
 print("next token:", ", ".join(f"{tok.piece(i)!r} {p:.0%}" for p, i in zip(top.values, top.indices)))
 
@@ -127,7 +127,7 @@ def gap(ours: torch.Tensor, theirs: np.ndarray) -> float:
     return float(np.abs(ours.double().numpy() - theirs).max())
 
 
-h_np = llama_np.embed(np_config, np_weights, np.array(ids))  # [T, D]
+h_np = llama_np.embed(np_config, np_weights, np.array(ids))  # [n, D]
 diffs = {"embedding": gap(steps["embedding"][0], h_np)}
 print("max |float32 torch - float64 oracle|, by layer:")
 print(" " * 9 + "".join(f"{name:>12s}" for name in ("attention", "keys", "last_logits", "MLP")))
@@ -139,7 +139,7 @@ for layer in range(cfg.num_hidden_layers):
     row["MLP"] = gap(steps[f"layer {layer} MLP"][0], h_np)
     diffs |= {f"layer {layer} {name}": d for name, d in row.items()}
     print(f"  layer {layer}" + "".join(f"{d:12.1e}" for d in row.values()))
-oracle_logits = llama_np.final_logits(np_config, np_weights, h_np)  # [T, V]
+oracle_logits = llama_np.final_logits(np_config, np_weights, h_np)  # [n, V]
 diffs["logits"] = gap(logits[0], oracle_logits)
 print(f"  logits {diffs['logits']:12.1e}")
 diff64 = gap(copy.deepcopy(model).double()(x)[0], oracle_logits)

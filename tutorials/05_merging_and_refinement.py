@@ -130,7 +130,7 @@ for slot, (part, c) in enumerate(cache.slot_sources()):
             torch.equal(cache.keys[layer][:, slot], leaf_keys[j][layer][:, P + c - j * p.e]) for layer in range(4)
         )
 for layer in range(*p.nodes[(0, 0)].layers):
-    suffix_mean = torch.stack([keys[layer][:, -S:] for keys in leaf_keys]).mean(0)  # [H, S, Dh]
+    suffix_mean = torch.stack([keys[layer][:, -S:] for keys in leaf_keys]).mean(0)  # [Hkv, S, Dh]
     assert torch.allclose(cache.keys[layer][:, -S:], suffix_mean, atol=1e-5)
     assert torch.equal(cache.keys[layer][:, :P], leaf_keys[0][layer][:, :P])
 assert root_digits == str(prompt.passkey) * 2, "both copies of the digits reach the root"

@@ -36,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--bias",
         default="",
-        help="calibration table: safetensors file with a [L, R] tensor 'bias' (an empty value means none, as the "
+        help="calibration table: safetensors file with a [L, width] tensor 'bias' (an empty value means none, as the "
         "conformance kit's {bias} gives for cases without a table)",
     )
     p.add_argument("--out", required=True, type=Path, help="output .safetensors file")

@@ -83,7 +83,9 @@ def calibrate_on_context(model: Llama, context_ids: list[int], max_chunk_len: in
 def check_bias(bias: torch.Tensor, num_layers: int, max_chunk_len: int) -> torch.Tensor:
     """The bias table as float32 [L, width], or a ValueError naming what is wrong with it."""
     if not isinstance(bias, torch.Tensor) or not bias.is_floating_point() or bias.dim() != 2:
-        raise ValueError("the bias table must be a float tensor [num_layers, R]; compute one with homer_ref.calibrate")
+        raise ValueError(
+            "the bias table must be a float tensor [num_layers, width]; compute one with homer_ref.calibrate"
+        )
     if bias.shape[0] != num_layers:
         raise ValueError(f"the bias table has {bias.shape[0]} layers but the model has {num_layers}: wrong model?")
     if bias.shape[1] < max_chunk_len:
@@ -108,7 +110,7 @@ def load_bias(path) -> torch.Tensor:
     if bias.dim() != 2 or not bias.is_floating_point():
         raise ValueError(
             f"{path}: 'bias' is {str(bias.dtype).removeprefix('torch.')} {list(bias.shape)}, expected a float "
-            "[num_layers, R] table; compute one with python -m homer_ref.calibrate"
+            "[num_layers, width] table; compute one with python -m homer_ref.calibrate"
         )
     return bias
 

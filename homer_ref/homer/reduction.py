@@ -27,7 +27,7 @@ def significance(
     last_logits: torch.Tensor,  # [Hq, n] scaled pre-softmax logits of the last query (RoPE applied)
     positions: torch.Tensor,  # [n] position ids of the chunk's slots
     is_context: torch.Tensor,  # [n] bool: False for prefix/suffix slots
-    bias_row: torch.Tensor | None,  # [R] bias[layer] by position distance, or None (uncalibrated)
+    bias_row: torch.Tensor | None,  # [width] bias[layer] by position distance, or None (uncalibrated)
 ) -> torch.Tensor:
     """sig [n] float32: max over heads, minus the distance bias, +inf on the affixes."""
     scores = last_logits.amax(dim=0).to(torch.float32)  # the max is taken in the logits' own precision
