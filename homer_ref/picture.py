@@ -231,7 +231,7 @@ def tree_svg(cache: HomerCache, marked: Collection[int]) -> str:
 def how_to_read(cache: HomerCache, marked: Collection[int]) -> str:
     p = cache.plan
     items = [
-        f"The prompt was split into a prefix ({p.P} tokens), a context ({p.C}) and a suffix ({p.S}). "
+        f"The prompt was split into a prefix ({p.P} token{'s' * (p.P != 1)}), a context ({p.C}) and a suffix ({p.S}). "
         + (
             f"The context was cut into {p.N} leaves of at most {p.e} tokens; every leaf also got the prefix and the "
             "suffix, at positions reused from 0."

@@ -210,7 +210,8 @@ def run_homer(model: Llama, tok: Tokenizer | None, parts, p: Plan, bias, model_p
         if tok is None and bias is None:
             raise ValueError("the calibrated reduction needs a bias table: pass --bias, or a tokenizer to compute one")
         table, source = bias_for(model, tok, p.M, bias, model_path, report=progress)
-        progress(f"bias: {source}")
+        if not source.startswith("computed"):  # bias_for has said where a computed table went, and its cost
+            progress(f"bias: {source}")
     t = time.perf_counter()
     with progress_bar(plan_work(p), f"HOMER prefill, {p.N} leaves", "tok-layer") as bar:
         cache = homer_prefill(model, *parts, p, bias=table, progress=bar)
