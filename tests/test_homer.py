@@ -542,3 +542,30 @@ def test_no_pruning_diagnostic_keeps_every_token_and_runs_the_leaves_alone():
     # With pruning the same tree ends at the target.
     pruned = homer_prefill(model, prefix, context, suffix, HomerConfig(M, reduction="uncalibrated"))
     assert pruned.keys[0].shape[1] == M
+
+
+def test_the_steps_are_functions_a_reader_can_call():
+    """HOMER_SPEC.md M as plain functions: the tree run by hand through leaf_chunk / run_node / merge, and through
+    the two recursions, gives homer_prefill's records node for node (what tutorials 04 and 05 rely on)."""
+    from homer_ref.homer import Run, depth_first, leaf_chunk, level_order, run_node
+    from homer_ref.homer.merging import merge
+
+    model = tiny_llama(L=8, V=32, seed=3)
+    rng = np.random.default_rng(3)
+    ids = random_ids(rng, 32, 26)
+    parts, config = (ids[:1], ids[1:-1], ids[-1:]), HomerConfig(8, 8, 2, "uncalibrated")
+    cache = homer_prefill(model, *parts, config)
+    p = cache.plan
+    by_hand = Run(model, p, *parts)
+    left, _ = run_node(by_hand, p.nodes[(0, 0)], leaf_chunk(by_hand, 0))
+    right, _ = run_node(by_hand, p.nodes[(0, 1)], leaf_chunk(by_hand, 1))
+    node, trace = run_node(by_hand, p.nodes[(1, 0)], merge(left, right, p.P, p.S))
+    assert torch.equal(trace.kept, cache.node(1, 0).kept) and trace.scores.grad_fn is None  # no autograd graph
+    assert torch.equal(node.positions[: -p.S], cache.node(2, 0).input_positions[: len(node) - p.S])
+    for walk in (lambda run: depth_first(run, p.H, 0), level_order):
+        run = Run(model, p, *parts)
+        root = walk(run)
+        assert sorted((t.level, t.index) for t in run.traces) == sorted(p.nodes)
+        for t in run.traces:
+            assert torch.equal(t.kept, cache.node(t.level, t.index).kept), t.name
+        assert torch.equal(root.positions, cache.positions) and torch.equal(root.keys[-1], cache.keys[-1])

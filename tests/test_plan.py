@@ -331,3 +331,21 @@ def test_str_lists_every_node():
     assert sorted(rows) == sorted(expected), text
     for word in ("L=8", "W=2", "M=8", "C=40", "N=8", "lpc=1", "lo=2"):
         assert word in text, text
+
+
+def test_the_defaults_are_resolved_in_the_library_once():
+    """M, T and W defaults live in the library (the commands print the resolved plan): T = M when not given, M =
+    half the trained context for generation, the trained context less the answer's room for the passkey task,
+    and perplexity's segments from M."""
+    from homer_ref.homer.plan import generation_config
+    from homer_ref.tasks import passkey
+    from homer_ref.tasks.perplexity import Segments
+
+    assert HomerConfig(512).target == 512 and HomerConfig(512, 300).target == 300
+    assert generation_config(8192).max_chunk_len == 4096 and generation_config(8192, 1100).max_chunk_len == 1100
+    assert passkey.homer_config(256).max_chunk_len == 256 - passkey.ANSWER_ROOM
+    assert passkey.homer_config(256, rope_factor=2.0).max_chunk_len == 512 - passkey.ANSWER_ROOM
+    assert Segments.for_model(512) == Segments(256, 256, 8) and Segments.for_model(512, 128, affix_len=0).affix_len == 0
+    p = plan(30, generation_config(8192), 11, 20000, 10)
+    assert (p.M, p.T, p.W) == (4096, 4096, 11) and p.config.reduction == "calibrated"
+    assert str(p).startswith("HOMER plan: L=30 W=11 M=4096 T=4096 P=11 C=20000 S=10 (calibrated)")

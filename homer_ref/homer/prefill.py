@@ -113,6 +113,7 @@ class Run:
     progress: Progress | None = None  # advanced by each node's token-layers (`plan_work`)
 
 
+@torch.no_grad()
 def leaf_chunk(run: Run, i: int) -> Chunk:
     """Leaf i before its first layer: embedded tokens, local positions, reduction mask and sources (B.2-B.4)."""
     device = run.model.embed_tokens.weight.device
@@ -129,6 +130,7 @@ def significance(run: Run, node: Node, layer: int, last_logits: torch.Tensor | N
     return reduction.significance(last_logits[0], chunk.positions, chunk.is_context, row)
 
 
+@torch.no_grad()
 def run_node(run: Run, node: Node, chunk: Chunk) -> tuple[Chunk, NodeTrace]:
     """Node h.i on its input `chunk` (n slots): its block of layers; at the last one, between attention and MLP
     (C.2), the n - target least significant context slots go, from every layer it holds (F). Returns the node's
