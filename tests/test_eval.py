@@ -57,7 +57,7 @@ def rows_of(capsys) -> list[dict]:
     return rows
 
 
-def test_passkey_json_is_well_formed_for_every_mode(tiny, capsys):
+def test_passkey_json_is_well_formed_for_every_mode(tiny, capsys, tmp_path, monkeypatch):
     model_dir, bias = tiny
     argv = ["passkey", "--model", str(model_dir), "--tokenizer", str(TOKENIZER), "--bias", str(bias)]
     argv += ["--bias-yarn", str(bias.parent / "yarn_bias.safetensors"), "--modes", ",".join(PASSKEY_MODES)]
@@ -77,6 +77,7 @@ def test_passkey_json_is_well_formed_for_every_mode(tiny, capsys):
         if row["mode"] == "homer-no-pruning":  # the diagnostic removes nothing: every digit survives
             assert row["digits_kept"] == 1.0 and row["copy_kept"] == 1.0
     # homer-yarn without --bias-yarn: a table computed once with YaRN active (not the one given for `homer`)
+    monkeypatch.setenv("HOMER_REF_CACHE", str(tmp_path / "empty_cache"))
     assert main(argv[:5] + ["--modes", "homer-yarn", "--lengths", "1", "--samples", "1", "--json"]) == 0
     assert "bias: computed once" in capsys.readouterr().err
 

@@ -6,6 +6,10 @@ estimated too large. "Valid result": a model that generates tokens (or reports N
 cache with the planned number of slots, a comparison report. Inputs start from valid files and are corrupted the
 ways files get corrupted (truncated, bytes overwritten, fields replaced by other JSON values), so the fuzzing gets
 past the first check. HOMER_REF_FUZZ_EXAMPLES=1000 runs longer than the default 60 examples per test.
+
+GGUF files also get fixed corruptions, run every time: a large value in each count and length field. Some once
+made the loader allocate or loop without bound (a count of ~10^18 items, 4 billion layers) until the OOM killer
+ended the test run; they are now refused before anything is built, and are run under a memory guard.
 """
 
 import contextlib
@@ -23,7 +27,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from test_errors_api import MHA
 
-from homer_ref import load_model, load_tokenizer
+from homer_ref import CheckpointError, load_model, load_tokenizer
 from homer_ref.cli.common import run_main
 from homer_ref.cli.trace import main as trace_main
 from homer_ref.decoding import generate_plain
@@ -62,19 +66,21 @@ def corrupted(draw, valid: bytes) -> bytes:
     return valid[:at] + patch + valid[at + len(patch) :]
 
 
-def clean(error: BaseException) -> None:
-    """The error a bad input may raise: ValueError or MemoryError with a one-line message."""
-    assert isinstance(error, (ValueError, MemoryError)), f"unexpected {type(error).__name__}: {error}"
+def clean(error: BaseException, memory_ok: bool = True) -> None:
+    """The error a bad input may raise: ValueError or (if `memory_ok`) MemoryError with a one-line message."""
+    allowed = (ValueError, MemoryError) if memory_ok else ValueError
+    assert isinstance(error, allowed), f"unexpected {type(error).__name__}: {error}"
     assert "\n" not in str(error), f"multi-line message: {error}"
 
 
-def check_model(path) -> None:
+def check_model(path, memory_ok: bool = True) -> None:
     """Load, then generate: a clean error, or tokens. Weights that are finite but huge (a corrupted float's
-    exponent) cannot be told from real ones at load; their overflow must then be reported, not turned into tokens."""
+    exponent) cannot be told from real ones at load; their overflow must then be reported, not turned into tokens.
+    `memory_ok=False`: a MemoryError is a failure (a small file must never need much memory)."""
     try:
         model = load_model(path)
     except Exception as e:
-        clean(e)
+        clean(e, memory_ok)
         return
     try:
         tokens = generate_plain(model, [1, 2, 3, 60], 2)
@@ -307,12 +313,106 @@ GGUF_EXAMPLES = iter(range(10**9))  # a new file name per example: the reader is
 @FUZZ
 @given(data=st.data())
 def test_corrupted_gguf(fuzz_dir, gguf_bytes, data):
-    """Truncated, overwritten or random GGUF files: a clean error from load_model and load_tokenizer, or a model."""
+    """Truncated, overwritten or random GGUF files: a clean error from load_model and load_tokenizer, or a model.
+    Never a MemoryError: a 28 KB file needs no more than a few MB (one under `ulimit -v` is a blow-up caught)."""
     path = fuzz_dir / f"fuzz{next(GGUF_EXAMPLES)}.gguf"
     path.write_bytes(data.draw(corrupted(gguf_bytes)))
-    check_model(path)
+    check_model(path, memory_ok=False)
     try:
         load_tokenizer(path)
     except Exception as e:
-        clean(e)
+        clean(e, memory_ok=False)
     path.unlink()
+
+
+def after(data: bytes, name: str) -> int:
+    """Where the field after the GGUF string `name` (a metadata key or tensor name) starts."""
+    raw = name.encode()
+    return data.index(struct.pack("<Q", len(raw)) + raw) + 8 + len(raw)
+
+
+def put(where, fmt: str, *values):
+    """A corruption: `values` packed as `fmt` over the bytes at `where(data)`."""
+
+    def corrupt(data: bytes) -> bytes:
+        at, raw = where(data), struct.pack(fmt, *values)
+        return data[:at] + raw + data[at + len(raw) :]
+
+    return corrupt
+
+
+def field(name: str, skip: int = 0):
+    """Where a field after the GGUF string `name` starts, `skip` bytes on. After a metadata key: its type (u32) at
+    0, its value at 4. After a tensor name: n_dims (u32) at 0, dims (u64 each) at 4, then its type (u32) and
+    offset (u64): for a 2-D tensor, at 20 and 24."""
+    return lambda data: after(data, name) + skip
+
+
+# name -> (corruption, a part of load_model's message): a large value in each count and length field. Offsets are
+# found from the names, so that the cases follow changes to the test file (key order, names). "(*)": once blew up.
+GGUF_CORRUPTIONS = {
+    # (*) A loop over the layers (the checkpoint names): 4 billion of them, or 16 million (~20 GB of names).
+    "llama.block_count 2**32-1": (put(field("llama.block_count", 4), "<I", 2**32 - 1), "block_count"),
+    "llama.block_count 2**24": (put(field("llama.block_count", 4), "<I", 2**24), "block_count"),
+    # (*) A key's type turned into 9 (array): its element type and count are read from the value's bytes (~10^18
+    # items); the reader's slices past the end of the file are empty arrays, not errors, and it keeps each one.
+    "a string key typed as an array": (put(field("general.architecture"), "<I", 9), "corrupt GGUF"),
+    "an array of 2**62 uint8": (put(field("llama.block_count"), "<IIQ", 9, 0, 2**62), "corrupt GGUF"),
+    "an int key typed as an array": (put(field("llama.context_length"), "<I", 9), "corrupt GGUF"),
+    "tensor count 2**62": (put(lambda d: 8, "<Q", 2**62), "corrupt GGUF"),
+    "metadata count 2**64-1": (put(lambda d: 16, "<Q", 2**64 - 1), "corrupt GGUF"),
+    "a key 2**40 bytes long": (put(lambda d: 24, "<Q", 2**40), "corrupt GGUF"),
+    "a string value 2**62 bytes long": (put(field("general.architecture", 4), "<Q", 2**62), "corrupt GGUF"),
+    # (*) Dimensions read from the next fields: an offset of ~10^18, an OSError from seek().
+    "n_dims 4 for a 2-D tensor": (put(field("output.weight", 0), "<I", 4), "corrupt GGUF"),
+    "n_dims 2**32-1": (put(field("token_embd.weight", 0), "<I", 2**32 - 1), "corrupt GGUF"),
+    "a dimension of 2**62": (put(field("token_embd.weight", 12), "<Q", 2**62), "corrupt GGUF"),
+    "dims 2**32 x 2**32 (a uint64 product of 0)": (put(field("token_embd.weight", 4), "<QQ", 2**32, 2**32), "corrupt"),
+    "a tensor offset of 2**63": (put(field("output.weight", 24), "<Q", 2**63), "corrupt GGUF"),
+    "an unknown tensor type": (put(field("output.weight", 20), "<I", 2**32 - 1), "corrupt GGUF"),
+    "a newline in a tensor name": (put(field("output.weight", -4), "<B", 10), "corrupt GGUF"),  # (*) 2-line error
+}
+
+
+@contextlib.contextmanager
+def address_space_guard(headroom: int = 1 << 30):
+    """While inside, a MemoryError (not the OOM killer) for mapping more than `headroom` bytes beyond what the
+    process maps now: the soft RLIMIT_AS, restored after (Linux; elsewhere no guard)."""
+    try:
+        import resource
+
+        with open("/proc/self/status") as f:
+            mapped = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:"))
+    except (ImportError, OSError, StopIteration):
+        mapped = None
+    if mapped is None:
+        yield
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    limit = mapped + headroom
+    if soft != resource.RLIM_INFINITY:
+        limit = min(limit, soft)
+    if hard != resource.RLIM_INFINITY:
+        limit = min(limit, hard)
+    resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+
+
+@pytest.mark.parametrize("name", sorted(GGUF_CORRUPTIONS))
+def test_corrupted_gguf_fields(fuzz_dir, gguf_bytes, name):
+    """Each is refused with one line (CheckpointError) before anything large is allocated; under a guard, so that a
+    regression fails here with a MemoryError instead of taking the machine's memory."""
+    corrupt, expected = GGUF_CORRUPTIONS[name]
+    path = fuzz_dir / f"known{sorted(GGUF_CORRUPTIONS).index(name)}.gguf"
+    data = corrupt(gguf_bytes)
+    assert len(data) == len(gguf_bytes) and data != gguf_bytes
+    path.write_bytes(data)
+    for load in (load_model, load_tokenizer):
+        with address_space_guard(), pytest.raises(CheckpointError) as info:
+            load(path)
+        assert "\n" not in str(info.value) and str(path) in str(info.value), info.value
+        if load is load_model:
+            assert expected in str(info.value), info.value

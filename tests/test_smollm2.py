@@ -181,7 +181,7 @@ def test_ids_in_and_out(smollm2, loaded_once, tmp_path, capsys):
     assert tok.decode(new_ids) == text and len(new_ids) == 8
 
 
-def test_homer_on_a_long_chat_prompt_computes_its_table_once(smollm2, loaded_once, capsys):
+def test_homer_on_a_long_chat_prompt_computes_its_table_once(smollm2, loaded_once, capsys, tmp_path, monkeypatch):
     """HOMER (forced: two chunks of 256) with the chat template's opening in the prefix and its closing in the
     suffix, through `generate`'s defaults: with no table beside the model, the first run computes one on the
     default calibration text and caches it, the second finds it; both answer the same, about the text.
@@ -190,6 +190,7 @@ def test_homer_on_a_long_chat_prompt_computes_its_table_once(smollm2, loaded_onc
     prompt's own context it answered "in a wooden chest"; with the default text's, as with none, it names an
     island. The README's SmolLM2 section has the measured picture.)"""
     path, _, _ = smollm2
+    monkeypatch.setenv("HOMER_REF_CACHE", str(tmp_path / "empty_cache"))
     prompt = ENGLISH + "\n" + "Where did the volunteers find the old log books?"
     argv = ["--model", str(path), "--chat", "--prompt", prompt, "--mode", "homer", "--max-chunk-len", "256",
             "--max-new-tokens", "16"]  # fmt: skip
