@@ -187,6 +187,9 @@ LOAD_MODEL = {
                                 ("'vocab_size'", "'64'")),
     "num_hidden_layers a float": Case(lambda r: model_dir(r, "floatL", config=dict(num_hidden_layers=6.0)),
                                       CheckpointError, ("'num_hidden_layers'", "6.0")),
+    "num_hidden_layers 2^40 (names would fill memory)": Case(
+        lambda r: model_dir(r, "hugeL", config=dict(num_hidden_layers=2**40)), CheckpointError,
+        ("config says 1099511627776 layers but the checkpoint holds 6",)),
     "num_attention_heads zero": Case(lambda r: model_dir(r, "zeroH", config=dict(num_attention_heads=0)),
                                      CheckpointError, ("'num_attention_heads'",)),
     "heads not dividing hidden_size": Case(

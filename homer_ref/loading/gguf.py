@@ -14,12 +14,15 @@ Reading one:
   type (sentencepiece BPE: merges ranked by the merged piece's score, byte fallback, "▁" for spaces).
 
 Only Llama-architecture files are read (`general.architecture` = "llama"); anything else, a file that is not
-GGUF, truncated, or lacks a key, is refused with one line naming what is wrong. The file is parsed once per
+GGUF, truncated, or lacks a key, is refused with one line naming what is wrong. A damaged header is refused before
+the reader sees it (`check_gguf_header`): the reader trusts the file's counts. The file is parsed once per
 process (`open_gguf` keeps the reader), so checking the tokenizer and config before the weights costs nothing.
 """
 
 import functools
 import math
+import mmap
+import struct
 from dataclasses import replace
 from pathlib import Path
 from typing import NamedTuple
@@ -80,9 +83,121 @@ CONTROL, USER_DEFINED = 3, 4  # tokenizer.ggml.token_type values (1 normal, 2 un
 # ----------------------------------------------------------------------------------------------- reading
 
 
+# GGUF value types (gguf.GGUFValueType): the bytes of each fixed-size one; 8 is a string, 9 an array.
+VALUE_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+STRING, ARRAY, UINT32 = 8, 9, 4
+MAX_DIMS, MAX_NAME, MAX_KEY = 4, 64, 65535  # llama.cpp's GGML_MAX_DIMS, GGML_MAX_NAME; the spec's longest key
+MAX_ARRAY_ITEMS = 1 << 21  # in all arrays of a file: real vocabularies hold < 10^6 (Gemma 3: 3 arrays of 262k)
+
+
+class _Cursor:
+    """Little-endian fields read from a buffer (the file, memory-mapped), never past its end."""
+
+    def __init__(self, buf):
+        self.buf, self.pos = buf, 0
+
+    def skip(self, n: int, what: str) -> int:
+        """Step over `n` bytes; where they start."""
+        if n > len(self.buf) - self.pos:
+            raise ValueError(f"{what} at byte {self.pos} needs {n} bytes; the file has {len(self.buf) - self.pos} left")
+        self.pos += n
+        return self.pos - n
+
+    def u32(self, what: str) -> int:
+        return struct.unpack_from("<I", self.buf, self.skip(4, what))[0]
+
+    def u64(self, what: str) -> int:
+        return struct.unpack_from("<Q", self.buf, self.skip(8, what))[0]
+
+    def string(self, what: str) -> int:
+        """Step over a string (u64 length, bytes); where its bytes start."""
+        return self.skip(self.u64(what), what)
+
+    def name(self, what: str, max_len: int) -> str:
+        """A key or tensor name: 1 to `max_len` bytes of printable ASCII (names appear in error messages)."""
+        n = self.u64(what)
+        if not 0 < n <= max_len:
+            raise ValueError(f"{what} at byte {self.pos} is {n} bytes long (1 to {max_len})")
+        raw = self.buf[self.skip(n, what) : self.pos]
+        if not (raw.isascii() and raw.decode().isprintable()):
+            raise ValueError(f"{what} {raw[:40]!r} at byte {self.pos - n} is not printable ASCII")
+        return raw.decode()
+
+
+def check_gguf_header(buf, quant_sizes: dict) -> None:
+    """Walk a GGUF header (metadata and tensor infos) without building anything; a ValueError where it is damaged.
+
+    `gguf.GGUFReader` trusts every count in the file, and slicing its memory map past the end gives an empty
+    array, not an error: a corrupted count (e.g. a key's type byte turned into 9, "array", so that the next bytes
+    are read as an element type and a count of ~10^18) makes it read billions of empty items, each kept as a numpy
+    view, until the OOM killer stops the process. So every length and count is checked here, against the bytes
+    left, before it is used, and each loop steps over at least one byte of the file (the file's size bounds it):
+    - header: magic and version (checked by `open_gguf`), tensor and metadata counts that fit the file;
+    - each metadata key: a printable name, a known type; a string's length, an array's element type (arrays of
+      arrays are refused, as llama.cpp does) and count times element size, within the file; all arrays together
+      at most MAX_ARRAY_ITEMS items (the reader keeps ~1 KB of Python objects per item); a power-of-two
+      `general.alignment`;
+    - each tensor info: a printable name shorter than 64 bytes, 1 to 4 dimensions, a known ggml type whose
+      block divides the first dimension, an aligned offset, and its data (dimensions' product in that type's
+      bytes) inside the file.
+    quant_sizes: ggml type -> (block size, bytes per block), `gguf.GGML_QUANT_SIZES`."""
+    c = _Cursor(buf)
+    c.skip(8, "magic and version")
+    n_tensors, n_kv = c.u64("tensor count"), c.u64("metadata count")
+    left = len(buf) - c.pos
+    if 14 * n_kv + 33 * n_tensors > left:  # the smallest key-value (a 1-byte key, a uint8) and tensor info (1-D)
+        raise ValueError(f"{n_tensors} tensors and {n_kv} metadata keys cannot fit in the {left} bytes left")
+    alignment, items = 32, 0
+    for _ in range(n_kv):
+        key = c.name("metadata key", MAX_KEY)
+        kind, count = c.u32(f"type of '{key}'"), 1
+        if kind == ARRAY:
+            kind, count = c.u32(f"element type of '{key}'"), c.u64(f"length of '{key}'")
+            items += count
+            if items > MAX_ARRAY_ITEMS:
+                raise ValueError(f"array '{key}' of {count} items: more than {MAX_ARRAY_ITEMS} array items in all")
+        if kind in VALUE_SIZES:
+            start = c.skip(count * VALUE_SIZES[kind], f"value of '{key}'")
+        elif kind == STRING:
+            for _ in range(count):
+                c.string(f"string of '{key}'")
+        else:
+            raise ValueError(f"'{key}' has value type {kind} (0-12; arrays of arrays are not read)")
+        if key == "general.alignment":
+            alignment = struct.unpack_from("<I", buf, start)[0] if (kind, count) == (UINT32, 1) else 0
+            if alignment == 0 or alignment & (alignment - 1):
+                raise ValueError("general.alignment is not a uint32 power of two")
+    tensors = []  # (name, offset from the data's start, bytes)
+    for _ in range(n_tensors):
+        name = c.name("tensor name", MAX_NAME - 1)
+        n_dims = c.u32(f"dimension count of '{name}'")
+        if not 0 < n_dims <= MAX_DIMS:
+            raise ValueError(f"tensor '{name}' has {n_dims} dimensions (1 to {MAX_DIMS})")
+        dims = [c.u64(f"dimensions of '{name}'") for _ in range(n_dims)]
+        qtype = c.u32(f"type of '{name}'")
+        if qtype not in quant_sizes:
+            raise ValueError(f"tensor '{name}' has unknown ggml type {qtype}")
+        block, block_bytes = quant_sizes[qtype]
+        if dims[0] % block:
+            raise ValueError(f"tensor '{name}' has rows of {dims[0]} values, not a multiple of its block ({block})")
+        tensors.append((name, c.u64(f"offset of '{name}'"), math.prod(dims) // block * block_bytes))
+    data_start = c.pos + -c.pos % alignment
+    for name, offset, nbytes in tensors:
+        if offset % alignment or data_start + offset + nbytes > len(buf):
+            raise ValueError(
+                f"tensor '{name}': {nbytes} bytes at byte {data_start + offset} (aligned to {alignment}) do not fit "
+                f"in the file's {len(buf)}"
+            )
+
+
 @functools.lru_cache(maxsize=2)
 def _reader(path: str, mtime_ns: int, size: int):
     gguf = optional_import("gguf", f"{path} (a GGUF file)")
+    try:
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            check_gguf_header(buf, gguf.GGML_QUANT_SIZES)
+    except (ValueError, OSError) as e:
+        raise CheckpointError(f"{path}: truncated or corrupt GGUF file ({e})") from e
     try:
         return gguf.GGUFReader(path)
     except (ValueError, OSError, IndexError, KeyError, TypeError) as e:
@@ -133,6 +248,12 @@ def gguf_config_dict(meta: Metadata, tensor_names: set[str]) -> dict:
     for key, value in (("head_count", head_count), ("head_count_kv", head_count_kv)):
         if isinstance(value, list):
             raise CheckpointError(f"{meta.path}: per-layer llama.attention.{key} is not a Llama setting")
+    blocks, layers = meta.require("llama.block_count"), {n.split(".")[1] for n in tensor_names if n.startswith("blk.")}
+    if isinstance(blocks, int) and blocks > len(layers):  # refused before anything loops over the layers
+        raise CheckpointError(
+            f"{meta.path}: llama.block_count is {blocks} but the file holds tensors (blk.N.*) of {len(layers)} "
+            "layers; the file is damaged or incomplete"
+        )
     hidden = meta.require("llama.embedding_length")
     head_dim = meta.get("llama.attention.key_length", hidden // head_count if head_count else None)
     rotated = meta.get("llama.rope.dimension_count", head_dim)
@@ -144,7 +265,7 @@ def gguf_config_dict(meta: Metadata, tensor_names: set[str]) -> dict:
         "vocab_size": meta.get("llama.vocab_size") or len(meta.get("tokenizer.ggml.tokens") or []) or None,
         "hidden_size": hidden,
         "intermediate_size": meta.require("llama.feed_forward_length"),
-        "num_hidden_layers": meta.require("llama.block_count"),
+        "num_hidden_layers": blocks,
         "num_attention_heads": head_count,
         "num_key_value_heads": head_count_kv,
         "head_dim": head_dim,
@@ -367,6 +488,8 @@ def _sentencepiece_bpe(tokenizers, meta: Metadata, tokens: list[str], types: lis
     from tokenizers import decoders, models, pre_tokenizers
 
     scores = meta.require("tokenizer.ggml.scores")
+    if not isinstance(scores, list) or len(scores) != len(tokens) or not all(isinstance(s, float) for s in scores):
+        raise CheckpointError(f"{meta.path}: tokenizer.ggml.scores must hold one float per token ({len(tokens)})")
     vocab = {t: i for i, t in enumerate(tokens)}
     merges = []
     for piece, kind in zip(tokens, types):
@@ -376,6 +499,8 @@ def _sentencepiece_bpe(tokenizers, meta: Metadata, tokens: list[str], types: lis
                    if piece[:k] in vocab and piece[k:] in vocab]  # fmt: skip
     merges.sort(key=lambda m: (-m[2], vocab[m[0]], vocab[m[1]]))
     unk = meta.get("tokenizer.ggml.unknown_token_id")
+    if unk is not None and not (isinstance(unk, int) and 0 <= unk < len(tokens)):
+        raise CheckpointError(f"{meta.path}: tokenizer.ggml.unknown_token_id {unk!r} is not among {len(tokens)} ids")
     model = models.BPE(
         vocab,
         [(a, b) for a, b, _ in merges],

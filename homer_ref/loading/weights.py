@@ -108,6 +108,12 @@ def build_model(cfg: LlamaConfig, tensors: Mapping[str, torch.Tensor], source: s
 
     `tensors` may be a `LazyTensors`: each tensor is then read once, converted to `dtype` on `device`, checked, and
     released before the next is read (see the module docstring)."""
+    held = {int(k.split(".")[2]) for k in tensors if k.startswith("model.layers.") and k.split(".")[2].isdigit()}
+    if cfg.num_hidden_layers != len(held):  # before naming every layer's tensors: the config may say 2^40 layers
+        raise CheckpointError(
+            f"{source}: the config says {cfg.num_hidden_layers} layers but the checkpoint holds {len(held)}; "
+            "is this config the checkpoint's own?"
+        )
     names = checkpoint_names(cfg)
     ignorable = {"lm_head.weight"} if cfg.tie_word_embeddings else set()
     unexpected = sorted(k for k in tensors if k not in names.values() and k not in ignorable)
