@@ -146,3 +146,25 @@ def test_freed_activations_go_back_to_the_system(setting):
         assert after < 4 * 2**20, f"{after / 2**20:.1f} MiB still resident after the free"
     else:
         assert after > 7 * 2**20, "glibc's adaptive threshold keeps the freed block (the setting is what helps)"
+
+
+def test_the_user_path_benchmark_runs_generate_as_a_user_would(tiny_hf_model, tmp_path):
+    """`bench --model M --user-path`, on a tiny model whose trained context is 64: five `generate` processes with
+    an empty cache; the first HOMER run computes the table, the next ones find it; each run's peak RSS and times
+    come from the kernel, and every target is reported with its measured value."""
+    import shutil
+
+    from homer_ref.benchmark.user_path import user_path
+    from homer_ref.tasks.passkey import SHIPPED_MODEL
+
+    model_dir, _ = tiny_hf_model(vocab_size=288, num_hidden_layers=4, max_position_embeddings=64)
+    shutil.copy(SHIPPED_MODEL / "tokenizer.model", model_dir / "tokenizer.model")
+    result = user_path(str(model_dir), length=200, long_length=300, long_chunk=48, report=lambda message: None)
+    runs = {r["run"]: r for r in result["runs"]}
+    assert list(runs) == ["short", "plain", "homer first", "homer again", "homer long"]
+    assert runs["homer first"]["bias"].startswith("computed once") and runs["homer again"]["bias"].startswith("cache: ")
+    assert runs["homer long"]["bias"].startswith("computed once")  # a wider M (48 > 32): computed again, wider
+    assert all(r["wall_seconds"] > 0 and r["peak_rss_mib"] > 100 for r in runs.values())
+    assert 190 <= runs["plain"]["tokens"] <= 200 and runs["short"]["extra_rss_mib"] == 0
+    assert [t["met"] == (t["value"] <= float(t["target"].split("<= ")[1].split(" ")[0].rstrip("x")))
+            for t in result["targets"]] == [True] * 5  # fmt: skip

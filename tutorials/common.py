@@ -23,9 +23,10 @@ from pathlib import Path
 import torch
 
 import homer_ref
+from homer_ref.bias import BIAS_FILE
 from homer_ref.data import PASSKEY_MODEL, STORIES260K
 from homer_ref.homer import HomerConfig
-from homer_ref.homer.calibration import BIAS_FILE, load_bias
+from homer_ref.homer.calibration import load_bias
 from homer_ref.tasks import passkey
 
 __all__ = [

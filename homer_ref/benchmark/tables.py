@@ -50,6 +50,7 @@ HF_COLUMNS = [
 USER_PATH_COLUMNS = [
     ("run", "{run}"),
     ("command", "`{command}`"),
+    ("prompt tokens", "{tokens:,}"),
     ("wall s", "{wall_seconds:.1f}"),
     ("CPU s", "{cpu_seconds:.1f}"),
     ("peak RSS MiB", "{peak_rss_mib:.0f}"),

@@ -53,7 +53,7 @@ def run_generate(argv: list[str], env: dict, stderr_path: Path) -> dict:
         "cpu_seconds": usage.ru_utime + usage.ru_stime,
         "peak_rss_mib": usage.ru_maxrss / 1024,  # KiB on Linux
         "output": out.strip()[:60],
-        "bias": next((line.removeprefix("bias: ") for line in log if line.startswith("bias: ")), ""),
+        "bias": next((line.removeprefix("bias: ") for line in reversed(log) if line.startswith("bias: ")), ""),
     }
 
 
@@ -82,8 +82,9 @@ def user_path(model: str, length: int = 16384, long_length: int = 32768, long_ch
             argv = ["--model", model, "--prompt-file", str(tmp / f"{prompt}.txt"), *extra]
             report(f"bench: user path: {name} ({' '.join(extra) or 'defaults'}) ...")
             row = {"run": name, "tokens": len(tok.encode(files[prompt])), **run_generate(argv, env, tmp / "err.txt")}
-            row["command"] = f"python -m homer_ref.generate --model MODEL --prompt-file {prompt}.txt {' '.join(extra)}"
-            row["command"] = row["command"].strip() + f" ({row['tokens']:,} tokens)"
+            row["command"] = (
+                f"python -m homer_ref.generate --model MODEL --prompt-file {prompt}.txt {' '.join(extra)}".strip()
+            )
             rows.append(row)
             bias = f"; bias: {row['bias']}" if row["bias"] else ""
             report(
@@ -94,7 +95,7 @@ def user_path(model: str, length: int = 16384, long_length: int = 32768, long_ch
     for r in rows:
         r["extra_rss_mib"] = r["peak_rss_mib"] - by["short"]["peak_rss_mib"]
     plain, first, again, long = by["plain"], by["homer first"], by["homer again"], by["homer long"]
-    ratio = lambda a, b, key: a[key] / b[key]  # noqa: E731
+    ratio = lambda a, b, key: a[key] / max(b[key], 1.0)  # noqa: E731 (1 MiB or 1 s at least: tiny models)
     targets = [
         ("plain peak RSS above the short run <= 1.5 GiB", plain["extra_rss_mib"] / 1024, "GiB", 1.5),
         ("HOMER (table cached) wall <= 0.5x plain's", ratio(again, plain, "wall_seconds"), "x", 0.5),

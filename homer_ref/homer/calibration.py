@@ -10,12 +10,11 @@ computed exactly like the significance (pre-softmax, RoPE applied, max over quer
 windows of ordinary text, d in [0, M). Each window of M tokens contributes one value per distance.
 
 Deviation (N.2.4): the official repository ships pickled tables for Llama-2 but no code to make them; here
-calibration is part of the library, the table is a safetensors file (key "bias", [L, M] float32, never
-pickle), and `calibrate_on_context` makes one from the input itself when no table exists. A model directory may
-ship its table as `homer_bias.safetensors` (`find_bias` looks there).
+calibration is part of the library and the table is a safetensors file (key "bias", [L, width] float32, never
+pickle). Where a run's table comes from — given, beside the model as `homer_bias.safetensors`, the user cache, or
+computed once on the default calibration text — is one policy, `homer_ref.bias`. `calibrate_on_context` makes a
+table from any token ids (a document's own beginning, as tutorial 08 does).
 """
-
-from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
@@ -113,20 +112,3 @@ def load_bias(path) -> torch.Tensor:
             "[num_layers, width] table; compute one with python -m homer_ref.calibrate"
         )
     return bias
-
-
-BIAS_FILE = "homer_bias.safetensors"  # where a model directory keeps its calibration table
-
-
-def find_bias(model_path, max_chunk_len: int, bias_path=None) -> tuple[torch.Tensor | None, str]:
-    """(bias, where it came from): `bias_path` when given, else `homer_bias.safetensors` beside the model when it
-    covers distances < max_chunk_len; (None, "") when neither (the caller then calibrates or picks another mode)."""
-    if bias_path is not None:
-        return load_bias(bias_path), str(bias_path)
-    model_path = Path(model_path)
-    default = (model_path if model_path.is_dir() else model_path.parent) / BIAS_FILE
-    if default.is_file():
-        bias = load_bias(default)
-        if bias.shape[1] >= max_chunk_len:
-            return bias, str(default)
-    return None, ""
