@@ -123,8 +123,9 @@ class HomerMode:
         yarn = mode in YARN_HOMER_MODES
         factor = args.homer_yarn_factor if yarn else 1.0
         self.model = rope_scaled(model, "yarn", factor) if yarn else model
-        self.config = passkey.homer_config(model.cfg.max_position_embeddings, args.max_chunk_len, args.target_len,
-                                           args.warmup_layers, HOMER_MODES[mode], args.seed, factor)  # fmt: skip
+        self.config = passkey.homer_config(model.cfg.max_position_embeddings, args.max_chunk_len, factor,
+                                           target_len=args.target_len, warmup_layers=args.warmup_layers,
+                                           reduction=HOMER_MODES[mode], seed=args.seed)  # fmt: skip
         self.bias, self.source, self.factor = None, "", factor if yarn else None
         if self.config.reduction == "calibrated":  # the table beside the model is for the model without YaRN
             given, beside = (args.bias_yarn, None) if yarn else (args.bias, args.model)

@@ -18,6 +18,7 @@ from homer_ref.cli.generate import (
     add_prompt_options,
     check_homer_options,
     homer_config,
+    homer_settings,
     load_shipped_model,
     read_prompt,
     run_homer,
@@ -61,8 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         prompt = passkey.demo_prompt(tokenizer, trained, args.seed)
         parts, model_path = (prompt.prefix, prompt.context, prompt.suffix), passkey.SHIPPED_MODEL
         marked = {len(prompt.prefix) + i for i in prompt.digit_slots}  # sources of the passkey's digits
-        config = passkey.homer_config(trained, args.max_chunk_len, args.target_len, args.warmup_layers,
-                                      args.reduction, args.seed)  # fmt: skip
+        config = passkey.homer_config(trained, args.max_chunk_len, **homer_settings(args))
         title = f"HOMER on a passkey prompt at {len(prompt.ids) / trained:.0f}x the trained context (seed {args.seed})"
         notes = [f"true passkey: {prompt.passkey} (its digits are marked)"]
     else:

@@ -193,10 +193,14 @@ def prompt_from_ids(args, parser):
     return prefix + given + suffix, (prefix, given, suffix)
 
 
+def homer_settings(args) -> dict:
+    """HomerConfig's fields as the command line gives them (None where the library resolves the default)."""
+    return dict(target_len=args.target_len, warmup_layers=args.warmup_layers, reduction=args.reduction, seed=args.seed)
+
+
 def homer_config(args, trained_context: int) -> HomerConfig:
     """The command line's HOMER settings, the defaults resolved by the library (`generation_config`)."""
-    return generation_config(trained_context, args.max_chunk_len, args.target_len, args.warmup_layers,
-                             args.reduction, args.seed)  # fmt: skip
+    return generation_config(trained_context, args.max_chunk_len, **homer_settings(args))
 
 
 def run_homer(model: Llama, tok: Tokenizer | None, parts, p: Plan, bias, model_path) -> HomerCache:
@@ -319,8 +323,7 @@ def passkey_demo(args) -> int:
     trained = model.cfg.max_position_embeddings
     seeds = range(args.seed, args.seed + DEMO_PROMPTS)
     prompts = [passkey.demo_prompt(tok, trained, seed) for seed in seeds]
-    config = passkey.homer_config(trained, args.max_chunk_len, args.target_len, args.warmup_layers, args.reduction,
-                                  args.seed)  # fmt: skip
+    config = passkey.homer_config(trained, args.max_chunk_len, **homer_settings(args))
     first = prompts[0]
     p = plan(model.cfg.num_hidden_layers, config, len(first.prefix), len(first.context), len(first.suffix))
     bias = (

@@ -58,18 +58,11 @@ def default_max_chunk_len(trained_context: int) -> int:
     return trained_context // 2
 
 
-def generation_config(
-    trained_context: int,
-    max_chunk_len: int | None = None,
-    target_len: int | None = None,
-    warmup_layers: int | None = None,
-    reduction: str = "calibrated",
-    seed: int = 0,
-) -> HomerConfig:
+def generation_config(trained_context: int, max_chunk_len: int | None = None, **settings) -> HomerConfig:
     """The settings for continuing a prompt, every default that needs the model resolved: M = half the trained
-    context unless given (T = M and W's rule are resolved by `plan`)."""
+    context unless given; `settings` are HomerConfig's other fields (T = M and W's rule are resolved by `plan`)."""
     M = default_max_chunk_len(trained_context) if max_chunk_len is None else max_chunk_len
-    return HomerConfig(M, target_len, warmup_layers, reduction, seed)
+    return HomerConfig(M, **settings)
 
 
 @dataclass(frozen=True)

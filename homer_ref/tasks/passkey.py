@@ -236,19 +236,13 @@ def filler_windows(tok, seed: int, count: int, length: int) -> list[list[int]]:
 
 
 def homer_config(
-    trained_context: int,
-    max_chunk_len: int | None = None,
-    target_len: int | None = None,
-    warmup_layers: int | None = None,
-    reduction: str = "calibrated",
-    seed: int = 0,
-    rope_factor: float = 1.0,
+    trained_context: int, max_chunk_len: int | None = None, rope_factor: float = 1.0, **settings
 ) -> HomerConfig:
     """HOMER's settings on this task: M defaults to the (RoPE-scaled) trained context less the answer's room, so
     that every generated position stays inside the trained range (the shipped model's card measures with it:
-    M = 256 - 8 = 248); T = M and W's rule as `plan` resolves them."""
+    M = 256 - 8 = 248); `settings` are HomerConfig's other fields (T = M and W's rule as `plan` resolves them)."""
     M = round(rope_factor * trained_context) - ANSWER_ROOM if max_chunk_len is None else max_chunk_len
-    return HomerConfig(M, target_len, warmup_layers, reduction, seed)
+    return HomerConfig(M, **settings)
 
 
 def surviving_context(cache: HomerCache) -> list[int]:
