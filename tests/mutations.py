@@ -208,7 +208,7 @@ _PRUNE = """        if reduces:
             scores = significance(run, node, layer, last_logits, chunk)
             kept, removed = reduction.select(scores, n - node.target)
             chunk = keep_slots(chunk, kept)
-        chunk.h = model.feed_forward(layer, chunk.h[None])[0]"""
+        chunk.h = feed_forward_in_rows(model, layer, chunk.h[None])[0]"""
 _ATTEND = "h, keys, values, last_logits = model.attend(layer, chunk.h[None], chunk.positions, last_query=asks)"
 _SCORE = "last_logits = (k_rep @ q[:, :, -1, :, None].to(score_dtype)).squeeze(-1) / math.sqrt(Dh)"
 _AVG_SUFFIX = "(left.narrow(dim, nl - S, S) + right.narrow(dim, nr - S, S)) / 2,"
@@ -284,7 +284,7 @@ MUTATIONS = [
              ((llama.rope_frequencies, "return inv_freq, scale", "return inv_freq, 1.0"),), leaf_zero_for("yarn")),
     Mutation("prune_after_mlp", "pruning after the reduction layer's MLP instead of before: harmless, the MLP acts "
              "per token (N.1)",
-             ((prefill.run_node, _PRUNE, "        chunk.h = model.feed_forward(layer, chunk.h[None])[0]\n"
+             ((prefill.run_node, _PRUNE, "        chunk.h = feed_forward_in_rows(model, layer, chunk.h[None])[0]\n"
                + _PRUNE.rsplit("\n", 1)[0]),), lambda t, c: None, harmless=True),
 ]  # fmt: skip
 BY_NAME = {m.name: m for m in MUTATIONS}

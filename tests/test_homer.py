@@ -569,3 +569,29 @@ def test_the_steps_are_functions_a_reader_can_call():
         for t in run.traces:
             assert torch.equal(t.kept, cache.node(t.level, t.index).kept), t.name
         assert torch.equal(root.positions, cache.positions) and torch.equal(root.keys[-1], cache.keys[-1])
+
+
+def test_nodes_and_calibration_run_the_mlp_in_rows(monkeypatch):
+    """A chunk or calibration window longer than MLP_ROWS runs its MLP in rows (what keeps a long chunk's F-wide
+    activations small), with the same numbers as one whole pass."""
+    from homer_ref import decoding
+    from homer_ref.homer.calibration import calibrate
+
+    model = tiny_llama(L=8, V=32, seed=4)
+    ids = random_ids(np.random.default_rng(4), 32, 26)
+    config = HomerConfig(8, 8, 2, "uncalibrated")
+    whole = homer_prefill(model, ids[:1], ids[1:-1], ids[-1:], config, all_logits=True)
+    table = calibrate(model, [ids[:20], ids[6:]])
+    widths, real = [], model.feed_forward
+    monkeypatch.setattr(model, "feed_forward", lambda layer, h: widths.append(h.shape[1]) or real(layer, h))
+    monkeypatch.setattr(decoding, "MLP_ROWS", 3)
+    rows = homer_prefill(model, ids[:1], ids[1:-1], ids[-1:], config, all_logits=True)
+    assert widths and max(widths) == 3, "every MLP call saw at most MLP_ROWS tokens"
+    assert all(torch.equal(a.kept, b.kept) for a, b in zip(rows.nodes, whole.nodes)), "the same decisions"
+    for layer, (k, v) in enumerate(zip(rows.keys, rows.values)):
+        assert_close(k, whole.keys[layer], "oracle_float64", f"keys.{layer} in rows")
+        assert_close(v, whole.values[layer], "oracle_float64", f"values.{layer} in rows")
+    assert_close(rows.logits, whole.logits, "oracle_float64", "logits in rows")
+    widths.clear()
+    assert_close(calibrate(model, [ids[:20], ids[6:]]), table, "oracle_float64", "calibration in rows")
+    assert max(widths) == 3

@@ -19,7 +19,7 @@ table from any token ids (a document's own beginning, as tutorial 08 does).
 import torch
 from safetensors.torch import load_file
 
-from homer_ref.decoding import check_ids
+from homer_ref.decoding import check_ids, feed_forward_in_rows
 from homer_ref.llama import Llama
 from homer_ref.progress import Progress
 
@@ -42,7 +42,7 @@ def calibrate(model: Llama, windows: list[list[int]], progress: Progress | None 
             h, _, _, last_logits = model.attend(layer, h, positions, last_query=True)  # last_logits [1, Hq, n]
             head_max = last_logits[0].amax(dim=0)  # [n]: slot i sits at distance n-1-i from the last token
             total[layer] += head_max.flip(0).to(torch.float64)  # index by distance d = n-1-i
-            h = model.feed_forward(layer, h)
+            h = feed_forward_in_rows(model, layer, h)  # windows longer than MLP_ROWS: in rows
             if progress is not None:
                 progress.update(1)
     return (total / len(windows)).to(torch.float32)

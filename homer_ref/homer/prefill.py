@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import torch
 
 from homer_ref.budget import check_fits, kv_bytes
-from homer_ref.decoding import check_ids, decode
+from homer_ref.decoding import check_ids, decode, feed_forward_in_rows
 from homer_ref.homer import reduction
 from homer_ref.homer.calibration import check_bias
 from homer_ref.homer.chunking import Chunk, make_leaf
@@ -152,7 +152,7 @@ def run_node(run: Run, node: Node, chunk: Chunk) -> tuple[Chunk, NodeTrace]:
             scores = significance(run, node, layer, last_logits, chunk)
             kept, removed = reduction.select(scores, n - node.target)
             chunk = keep_slots(chunk, kept)  # propagative refinement (F)
-        chunk.h = model.feed_forward(layer, chunk.h[None])[0]
+        chunk.h = feed_forward_in_rows(model, layer, chunk.h[None])[0]  # a chunk longer than MLP_ROWS: in rows
     if run.progress is not None:
         run.progress.update(n * (last - first))
     ends = (chunk.h, chunk.keys[first:last], chunk.values[first:last]) if run.checkpoints else (None, None, None)
