@@ -38,11 +38,11 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
-from safetensors.torch import load_file
+from safetensors import safe_open
 
 from homer_ref.atomic import save_atomic
 from homer_ref.data import CALIBRATION_TEXT
-from homer_ref.homer.calibration import calibrate, check_bias, load_bias, windows_from_ids
+from homer_ref.homer.calibration import calibrate_on_context, check_bias, load_bias
 from homer_ref.llama import Llama
 from homer_ref.loading import Tokenizer
 from homer_ref.progress import progress_bar
@@ -82,26 +82,6 @@ def text_ids(tokenizer: Tokenizer) -> list[int]:
     return tokenizer.encode(CALIBRATION_TEXT.read_text(encoding="utf-8"), bos=False)
 
 
-def text_windows(tokenizer: Tokenizer, max_chunk_len: int, samples: int = CALIBRATION_WINDOWS):
-    """(windows, width measured): `samples` windows of min(M, text length) tokens of the calibration text."""
-    ids = text_ids(tokenizer)
-    width = min(max_chunk_len, len(ids))
-    return windows_from_ids(ids, width, samples), width
-
-
-def compute(model: Llama, windows: list[list[int]], max_chunk_len: int) -> torch.Tensor:
-    """The table [L, M] from `windows`, the distances they cannot reach (a text shorter than M) filled with the
-    last measured value; a progress bar on stderr when it is a terminal."""
-    L = model.cfg.num_hidden_layers
-    with progress_bar(
-        len(windows) * L, f"calibrating on {len(windows)} windows of {len(windows[0])} tokens", "layer"
-    ) as bar:
-        table = calibrate(model, windows, bar)  # [L, width]
-    if table.shape[1] < max_chunk_len:
-        table = torch.cat([table, table[:, -1:].expand(-1, max_chunk_len - table.shape[1])], dim=1)
-    return table
-
-
 def beside(model_path) -> Path | None:
     """`homer_bias.safetensors` in the model's directory (or beside the model file), if there is one."""
     if model_path is None:
@@ -118,11 +98,8 @@ def _say(report: Callable[[str], None] | None, message: str) -> None:
 def _cached(path: Path, expected: dict[str, str], max_chunk_len: int, report) -> torch.Tensor | None:
     """The cached table at `path` if its metadata matches `expected` and it covers M; else None (said why)."""
     try:
-        from safetensors import safe_open
-
         with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
-        table = load_file(str(path))["bias"]
+            metadata, table = f.metadata() or {}, f.get_tensor("bias")
     except Exception as e:  # safetensors raises several types for damaged files
         _say(report, f"bias: the cached table {path} cannot be read ({type(e).__name__}); recomputing it")
         return None
@@ -167,20 +144,21 @@ def bias_for(
             "reduction='calibrated' needs a calibration table: none given, none beside the model, and computing one "
             "reads the calibration text with the model's tokenizer, which it lacks; pass a tokenizer or --bias"
         )
-    windows, width = text_windows(tokenizer, max_chunk_len)
+    ids = text_ids(tokenizer)
     dtype = str(model.embed_tokens.weight.dtype).removeprefix("torch.")
     key = model_key(model)
-    tokens = hashlib.sha256(json.dumps(text_ids(tokenizer)).encode()).hexdigest()  # the text, in these tokens
+    tokens = hashlib.sha256(json.dumps(ids).encode()).hexdigest()  # the text, in these tokens
     expected = {"model_key": key, "dtype": dtype, "layers": str(L), "calibration_tokens": tokens}
     path = cache_dir() / f"bias-{key[:20]}-{dtype}.safetensors"
     if path.is_file():
         table = _cached(path, expected, max_chunk_len, report)
         if table is not None:
             return BiasTable(check_bias(table, L, max_chunk_len), f"cache: {path}")
-    t0 = time.perf_counter()
-    table = compute(model, windows, max_chunk_len)
-    cost = f"{len(windows)} windows of {width} tokens of {CALIBRATION_TEXT.name}, {time.perf_counter() - t0:.0f} s"
-    metadata = expected | {"width": str(max_chunk_len), "measured_width": str(width), "windows": str(len(windows))}
+    t0, width, n = time.perf_counter(), min(max_chunk_len, len(ids)), CALIBRATION_WINDOWS
+    with progress_bar(n * L, f"calibrating on {n} windows of {width} tokens", "layer") as bar:
+        table = calibrate_on_context(model, ids, max_chunk_len, n, bar)  # [L, M]
+    cost = f"{n} windows of {width} tokens of {CALIBRATION_TEXT.name}, {time.perf_counter() - t0:.0f} s"
+    metadata = expected | {"width": str(max_chunk_len), "measured_width": str(width), "windows": str(n)}
     metadata |= {"text": str(CALIBRATION_TEXT.relative_to(CALIBRATION_TEXT.parents[2]))}
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -18,10 +18,10 @@ import torch
 from safetensors.torch import save_file
 
 from homer_ref import atomic, bias_for, load_model, load_tokenizer
-from homer_ref.bias import BIAS_FILE, CALIBRATION_WINDOWS, cache_dir, model_key, text_windows
+from homer_ref.bias import BIAS_FILE, CALIBRATION_WINDOWS, cache_dir, model_key, text_ids
 from homer_ref.cli.eval import main as eval_main
 from homer_ref.data import CALIBRATION_TEXT
-from homer_ref.homer.calibration import calibrate
+from homer_ref.homer.calibration import calibrate, windows_from_ids
 from homer_ref.tasks.passkey import SHIPPED_MODEL
 
 M = 24  # small windows: the shipped model calibrates 4 x 24 tokens in a blink
@@ -61,8 +61,7 @@ def test_computed_once_then_found_in_the_cache(cache, shipped):
     first = bias_for(model, tok, M, report=report)
     assert first.source.startswith("computed") and len(list(cache.iterdir())) == 1
     assert said[0].startswith("bias: computed once") and str(cache) in said[0]
-    windows, width = text_windows(tok, M)
-    assert width == M and len(windows) == CALIBRATION_WINDOWS
+    windows = windows_from_ids(text_ids(tok), M, CALIBRATION_WINDOWS)
     assert torch.equal(first.table, calibrate(model, windows)), "the definition: calibrate on the text's windows"
     assert all(w == tok.encode(CALIBRATION_TEXT.read_text(), bos=False)[:M] for w in windows[:1])
     again = bias_for(model, tok, M, report=report)

@@ -29,6 +29,7 @@ from homer_ref.homer.cost import macs
 from homer_ref.homer.plan import HomerConfig, plan
 from homer_ref.homer.traversal import g2_bound, plain_kv, simulate_live_kv
 from homer_ref.llama import Llama, LlamaConfig
+from homer_ref.loading import load_config, load_model
 from homer_ref.memory import current_rss, peak_rss, reset_peak_rss
 
 BENCH = LlamaConfig(
@@ -75,8 +76,6 @@ def load_for_bench(model_name: str, dtype: torch.dtype = torch.float32) -> Llama
     """The model a measurement runs on: the bench model, stories260K, or a checkpoint path."""
     if model_name == "bench":
         return random_model(BENCH)
-    from homer_ref.loading import load_model
-
     return load_model(STORIES if model_name == "stories" else model_name, dtype=dtype)
 
 
@@ -136,7 +135,7 @@ def measure(model_name: str, mode: str, n: int, M: int, T: int | None = None, W:
 
 def memory_and_time(lengths: list[int], M: int, model_name: str, report) -> list[dict]:
     """The bench model (or stories260K) at each length: plain, depth-first and level-order HOMER (M = T, W = 0)."""
-    cfg = BENCH if model_name == "bench" else load_for_bench(model_name).cfg
+    cfg = BENCH if model_name == "bench" else load_config(STORIES if model_name == "stories" else model_name)
     rows = []
     for n in lengths:
         row = {"model": model_name, "length": n, "M": M}
@@ -186,7 +185,6 @@ def model_suite(path: str, lengths: list[int], modes: list[str], M: int | None, 
                 dtype: str, report) -> dict:  # fmt: skip
     """`--model PATH`: plain and HOMER prefill at each length, side by side, each in its own subprocess."""
     from homer_ref.homer.plan import default_max_chunk_len
-    from homer_ref.loading import load_config
 
     config = HomerConfig(M or default_max_chunk_len(load_config(path).max_position_embeddings), T, W, "uncalibrated")
     M, T = config.max_chunk_len, config.target

@@ -64,16 +64,16 @@ def windows_from_ids(ids: list[int], length: int, samples: int) -> list[list[int
     return [list(ids[s : s + length]) for s in starts]
 
 
-def calibrate_on_context(model: Llama, context_ids: list[int], max_chunk_len: int, samples: int = 8) -> torch.Tensor:
-    """A bias table from the input's own context, for when no calibration table exists.
-
-    Windows longer than the context are impossible, so a short context gives a table covering only its own
-    length: the remaining distances are filled with the last calibrated value.
-    """
-    if not context_ids:
+def calibrate_on_context(
+    model: Llama, ids: list[int], max_chunk_len: int, samples: int = 8, progress: Progress | None = None
+) -> torch.Tensor:
+    """A bias table [L, max_chunk_len] from `samples` windows of any token ids (a calibration text, a document's
+    own beginning). Windows longer than the text are impossible, so a short text gives windows of its own length
+    and the distances they cannot reach the last calibrated value."""
+    if not ids:
         raise ValueError("cannot calibrate on an empty context; pass a bias table or choose reduction='uncalibrated'")
-    length = min(max_chunk_len, len(context_ids))
-    bias = calibrate(model, windows_from_ids(context_ids, length, samples))  # [L, length]
+    length = min(max_chunk_len, len(ids))
+    bias = calibrate(model, windows_from_ids(ids, length, samples), progress)  # [L, length]
     if length < max_chunk_len:
         bias = torch.cat([bias, bias[:, -1:].expand(-1, max_chunk_len - length)], dim=1)
     return bias
