@@ -10,6 +10,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 from helpers import ROOT, STORIES_DIR
 
 import homer_ref.cli.common as common
@@ -127,6 +128,26 @@ def test_ids_in_and_out_without_any_tokenizer(tmp_path, capsys):
             "--max-new-tokens", "5"]  # fmt: skip
     assert generate_main(argv + homer) == 0
     assert json.loads(capsys.readouterr().out) == from_object
+
+
+def test_the_calibrated_reduction_without_a_tokenizer(tmp_path, capsys):
+    """With no tokenizer the calibration text cannot be read: the calibrated reduction then needs a table (one
+    line saying so), and a table beside the model serves it."""
+    from safetensors.torch import save_file
+
+    from homer_ref.cli.common import run_main
+
+    model = Path(shutil.copytree(MHA, tmp_path / "model"))
+    parts = {"prefix_ids": [1], "context_ids": list(range(2, 38)), "suffix_ids": [38, 39]}
+    (tmp_path / "parts.json").write_text(json.dumps(parts))
+    argv = ["--model", str(model), "--prompt-ids", str(tmp_path / "parts.json"), "--print-ids", "--max-new-tokens",
+            "3", "--mode", "homer", "--max-chunk-len", "16"]  # fmt: skip
+    assert run_main(generate_main, argv) == 2
+    assert "pass a tokenizer or --bias" in capsys.readouterr().err
+    save_file({"bias": torch.zeros(6, 16)}, str(model / "homer_bias.safetensors"))
+    assert run_main(generate_main, argv) == 0
+    captured = capsys.readouterr()
+    assert len(json.loads(captured.out)) == 3 and "bias: beside the model" in captured.err
 
 
 @pytest.mark.parametrize(

@@ -211,8 +211,6 @@ def run_homer(model: Llama, tok: Tokenizer | None, parts, p: Plan, bias, model_p
     if p.config.reduction == "calibrated" and not p.prunes and bias is None:
         progress("bias: not needed (no node removes anything: one chunk holds the whole prompt)")
     elif p.config.reduction == "calibrated":  # a --bias given is checked even where it is not needed
-        if tok is None and bias is None:
-            raise ValueError("the calibrated reduction needs a bias table: pass --bias, or a tokenizer to compute one")
         table, source = bias_for(model, tok, p.M, bias, model_path, report=progress)
         if not source.startswith("computed"):  # bias_for has said where a computed table went, and its cost
             progress(f"bias: {source}")
